@@ -63,7 +63,7 @@ pub fn looks_like_stun(packet: &[u8], allow_classic: bool) -> bool {
         return false;
     }
     let len = u16::from_be_bytes([packet[2], packet[3]]) as usize;
-    if len % 4 != 0 || HEADER_LEN + len != packet.len() {
+    if !len.is_multiple_of(4) || HEADER_LEN + len != packet.len() {
         return false;
     }
     let cookie = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
