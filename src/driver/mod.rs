@@ -1,0 +1,1 @@
+//! The only code that touches mio, sockets and the clock.

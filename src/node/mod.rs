@@ -1,0 +1,1 @@
+//! The sans-IO node core: relay session, address discovery, peer table, punching, path choice.

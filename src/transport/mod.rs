@@ -1,0 +1,1 @@
+//! QUIC data plane on quinn-proto: one connection per peer over a stable virtual address.
