@@ -653,7 +653,11 @@ fn close_reaches_the_peer_and_frees_handles() {
         net.nodes[0].open_stream(ca, Dir::Bi),
         Err(TransportError::UnknownConnection)
     ));
-    assert!(net.nodes[1].peer(cb).is_none() || net.nodes[1].connection_count() == 1);
+    // Both sides drain and forget the connection and the peer's virtual address.
+    net.run_until(100_000, |net| net.nodes[1].connection_count() == 0);
+    assert!(net.nodes[1].peer(cb).is_none());
+    assert_eq!(net.nodes[0].connection_count(), 0);
+    assert!(net.nodes[0].peer_addrs.is_empty() && net.nodes[1].peer_addrs.is_empty());
 }
 
 #[test]
@@ -709,6 +713,9 @@ fn garbage_never_panics_and_never_hurts_live_connections() {
             net.step();
         }
     }
+    // Strangers' garbage left no virtual addresses behind.
+    assert!(!net.nodes[0].peer_addrs.contains_key(&stranger));
+    assert!(!net.nodes[1].peer_addrs.contains_key(&stranger));
     // Replayed and mangled packets did not kill the connection: it still carries data.
     let data = pattern(200_000, 13);
     let got = transfer(&mut net, (0, ca), (1, cb), &data, 100_000, |_, _| {});
