@@ -19,3 +19,6 @@ pub mod session;
 pub use self::config::{Limits, RelayConfig};
 pub use self::core::{ConnId, Event, Forward, RelayCore, Transmit};
 pub use self::metrics::Metrics;
+
+#[cfg(test)]
+mod tests;
