@@ -1158,5 +1158,8 @@ fn stun_response_port_redirects_to_the_same_ip() {
     let t = stun_answer(&mut h, addr(RELAY), client, &pkt).unwrap();
     assert_eq!(t.source, addr("192.0.2.2:3479"));
     assert_eq!(t.destination, addr("203.0.113.5:35121"));
-    assert_eq!(stun::parse_binding_response(&t.contents).unwrap().mapped, client);
+    assert_eq!(
+        stun::parse_binding_response(&t.contents).unwrap().mapped,
+        client
+    );
 }
