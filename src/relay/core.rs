@@ -459,6 +459,7 @@ impl RelayCore {
             return;
         };
         self.metrics.stun_requests += 1;
+        trace!(%from, %local, change = ?request.change, modern = request.modern, "STUN Binding request");
         let mut buf = [0u8; stun::MAX_BINDING_LEN];
         if !request.modern {
             // RFC 3489 client: MAPPED-ADDRESS only, full 16-byte transaction ID echoed.
@@ -496,10 +497,17 @@ impl RelayCore {
             Some(other) => (Some(source), Some(other)),
             None => (None, None),
         };
+        // RFC 5780 section 7.5: with RESPONSE-PORT, answer the request's source IP at that
+        // port (the mapped address stays the request's source).
+        let destination = match request.response_port {
+            Some(port) if port != 0 => SocketAddr::new(from.ip(), port),
+            _ => from,
+        };
         match stun::binding_success(&request, from, origin, other, &mut buf) {
             Ok(n) => {
                 self.metrics.stun_responses += 1;
-                self.push_transmit(source, from, buf[..n].to_vec());
+                trace!(%from, %source, %destination, "STUN Binding success");
+                self.push_transmit(source, destination, buf[..n].to_vec());
             }
             Err(e) => debug!(%from, error = %e, "cannot encode STUN response"),
         }

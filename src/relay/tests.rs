@@ -1145,3 +1145,21 @@ proptest! {
         prop_assert!(!h.closed.contains(&a) && !h.closed.contains(&b));
     }
 }
+
+#[test]
+fn stun_response_port_redirects_to_the_same_ip() {
+    let mut h = Harness::with(|c| c.alt_listen = Some(addr("192.0.2.2:3479")));
+    let client = addr("203.0.113.5:35120");
+    // coturn's turnutils_stunclient -f second request: RESPONSE-PORT + CHANGE-REQUEST(ip, port).
+    let mut pkt = vec![0x00, 0x01, 0x00, 0x10, 0x21, 0x12, 0xA4, 0x42];
+    pkt.extend_from_slice(&[8; 12]);
+    pkt.extend_from_slice(&[0x00, 0x27, 0x00, 0x04, 0x89, 0x31, 0, 0]);
+    pkt.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 6]);
+    let t = stun_answer(&mut h, addr(RELAY), client, &pkt).unwrap();
+    assert_eq!(t.source, addr("192.0.2.2:3479"));
+    assert_eq!(t.destination, addr("203.0.113.5:35121"));
+    assert_eq!(
+        stun::parse_binding_response(&t.contents).unwrap().mapped,
+        client
+    );
+}
