@@ -47,7 +47,7 @@ impl NodeApp for ListenApp {
 
     fn on_tick(&mut self, _now: Instant, _core: &mut NodeCore) {}
 
-    fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&mut self) -> Option<Instant> {
         None
     }
 

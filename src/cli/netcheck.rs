@@ -55,7 +55,7 @@ impl NodeApp for NetcheckApp {
         }
     }
 
-    fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&mut self) -> Option<Instant> {
         if self.requested {
             None
         } else {

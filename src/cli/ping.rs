@@ -152,7 +152,7 @@ impl NodeApp for PingApp {
         }
     }
 
-    fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&mut self) -> Option<Instant> {
         let oldest = self.outstanding.values().min().map(|t| *t + PING_TIMEOUT);
         [self.next_ping, oldest].into_iter().flatten().min()
     }

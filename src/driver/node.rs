@@ -22,7 +22,7 @@ pub trait NodeApp {
     /// timers here.
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore);
     /// When the app next wants `on_tick`.
-    fn poll_timeout(&self) -> Option<Instant>;
+    fn poll_timeout(&mut self) -> Option<Instant>;
     /// Whether the app has finished (the driver then returns).
     fn is_done(&self) -> bool;
 }
