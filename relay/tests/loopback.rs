@@ -487,3 +487,22 @@ fn sigterm_shuts_down_cleanly_and_tells_sessions() {
         }
     ));
 }
+
+#[test]
+fn stun_over_tcp_on_the_same_port() {
+    use std::io::Read;
+    let relay = Relay::start(&[]);
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = [0u8; 64];
+    let n = burrow::wire::stun::binding_request([1; 12], None, &mut req).unwrap();
+    s.write_all(&req[..n]).unwrap();
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head).unwrap();
+    let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+    let mut resp = head.to_vec();
+    resp.resize(20 + len, 0);
+    s.read_exact(&mut resp[20..]).unwrap();
+    let r = burrow::wire::stun::parse_binding_response(&resp).unwrap();
+    assert_eq!(r.mapped, s.local_addr().unwrap());
+}
