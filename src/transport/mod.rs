@@ -443,10 +443,22 @@ impl Transport {
         now: Instant,
         peer: PeerId,
     ) -> Result<ConnectionHandle, TransportError> {
-        self.last_now = Some(now);
-        let addr = self.virtual_addr(peer);
         let verdict: VerdictSlot = Arc::new(Mutex::new(None));
         let client_tls = tls::client_config(&self.local, peer, verdict.clone())?;
+        self.connect_with_tls(now, peer, client_tls, verdict)
+    }
+
+    /// `connect` with a given rustls configuration (tests use it to play a non-burrow or
+    /// misconfigured client).
+    fn connect_with_tls(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        client_tls: rustls::ClientConfig,
+        verdict: VerdictSlot,
+    ) -> Result<ConnectionHandle, TransportError> {
+        self.last_now = Some(now);
+        let addr = self.virtual_addr(peer);
         let client_crypto = QuicClientConfig::try_from(client_tls)
             .map_err(|e| TransportError::Crypto(e.to_string()))?;
         let mut client_config = quinn_proto::ClientConfig::new(Arc::new(client_crypto));

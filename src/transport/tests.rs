@@ -438,6 +438,55 @@ fn impersonator_is_refused_by_the_server() {
     net.run_until(10_000, |net| net.has_lost(2));
 }
 
+/// Runs a handshake from node 0 to node 1 with a hand-made client TLS configuration and
+/// returns how it ended on each side.
+fn handshake_with(client_tls: rustls::ClientConfig, seed: u64) -> (Option<LostReason>, bool) {
+    let mut net = Net::new(&[1, 2], DIRECT, seed);
+    let now = net.now;
+    let peer = net.ids[1];
+    let verdict = Arc::new(Mutex::new(None));
+    net.nodes[0]
+        .connect_with_tls(now, peer, client_tls, verdict)
+        .unwrap();
+    net.run_until(10_000, |net| net.has_lost(0));
+    let server_connected = net.take_connected(1).is_some();
+    (net.take_lost(0).map(|l| l.1), server_connected)
+}
+
+#[test]
+fn non_burrow_alpn_is_refused() {
+    let local = LocalCert::new(&identity(1)).unwrap();
+    let mut tls = tls::client_config(&local, identity(2).peer_id(), Default::default()).unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let (lost, server_connected) = handshake_with(tls, 16);
+    assert!(!server_connected);
+    let reason = lost.unwrap().to_string();
+    // TLS alert 120, no_application_protocol (RFC 7301 section 3.2).
+    assert!(reason.contains("error 120"), "{reason}");
+}
+
+#[test]
+fn client_without_certificate_is_refused() {
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(tls::ExpectPeer {
+        expected: identity(2).peer_id(),
+        verdict: Default::default(),
+    }))
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![tls::ALPN.to_vec()];
+    let (lost, server_connected) = handshake_with(tls, 17);
+    assert!(
+        !server_connected,
+        "server accepted a client without certificate"
+    );
+    assert!(lost.is_some());
+}
+
 #[test]
 fn twenty_megabytes_arrive_intact() {
     let mut net = Net::new(&[1, 2], DIRECT, 4);
