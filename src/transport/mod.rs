@@ -20,6 +20,22 @@
 //! Events are also produced while transmitting (e.g. a stream becomes writable once an ACK
 //! frees window), so loop 1–2 until both are empty.
 //!
+//! # Gluing to the node
+//!
+//! ```ignore
+//! // node event -> transport
+//! NodeEvent::Datagram { peer, bytes } => transport.handle_datagram(now, peer, &bytes),
+//! // transport -> node (any path; a GSO batch is split for the relay)
+//! while let Some(t) = transport.poll_transmit(now) {
+//!     for d in t.datagrams() {
+//!         let _ = node.send_datagram(now, &t.peer, d); // no path yet: QUIC retransmits
+//!     }
+//! }
+//! ```
+//!
+//! The node's initiator (`Role`) calls [`Transport::connect`]; the other side just receives.
+//! `src/transport/sim_tests.rs` runs exactly this loop in the simulator.
+//!
 //! # Packet sizes
 //!
 //! Every QUIC datagram must still fit a 1280–1500 byte path after the node adds the 8-byte
@@ -132,9 +148,10 @@ pub enum TransportError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
-    /// The ring provider lacks QUIC's initial cipher suite (never expected).
-    #[error("QUIC crypto configuration: {0}")]
-    Crypto(String),
+    /// quinn-proto refused the configuration (e.g. the ring provider lacking QUIC's initial
+    /// cipher suite; never expected).
+    #[error("QUIC configuration: {0}")]
+    Config(String),
     /// quinn-proto refused to start the connection.
     #[error("connect: {0}")]
     Connect(#[from] quinn_proto::ConnectError),
@@ -371,11 +388,11 @@ impl Transport {
             )));
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
 
         let server_tls = tls::server_config(&local)?;
         let server_crypto = QuicServerConfig::try_from(server_tls)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
         let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&derive_key(
             "burrow transport 2026 token key",
             &config.rng_seed,
@@ -460,7 +477,7 @@ impl Transport {
         self.last_now = Some(now);
         let addr = self.virtual_addr(peer);
         let client_crypto = QuicClientConfig::try_from(client_tls)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut client_config = quinn_proto::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(self.transport_config.clone());
         let (ch, quinn) = match self
@@ -633,12 +650,14 @@ impl Transport {
             if self.cursor >= self.order.len() {
                 self.cursor = 0;
             }
-            let key = self.order[self.cursor];
+            let Some(&key) = self.order.get(self.cursor) else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&key) else {
                 self.cursor += 1;
                 continue;
             };
-            let mut buf = Vec::with_capacity(MAX_UDP_PAYLOAD as usize);
+            let mut buf = Vec::with_capacity(MAX_UDP_PAYLOAD as usize * self.max_segments);
             let transmit = conn.quinn.poll_transmit(now, self.max_segments, &mut buf);
             self.drive(key);
             match transmit {
