@@ -303,6 +303,17 @@ pub enum StreamRead {
     Finished,
 }
 
+/// What [`Transport::read_chunk`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamChunk {
+    /// The next bytes of the stream.
+    Data(Bytes),
+    /// Nothing available now; wait for [`Event::StreamReadable`].
+    Blocked,
+    /// The peer finished the stream and everything was read (EOF).
+    Finished,
+}
+
 /// One connection and what the transport knows about it.
 struct Conn {
     quinn: quinn_proto::Connection,
@@ -868,6 +879,28 @@ impl Transport {
         }
     }
 
+    /// Zero-copy [`Transport::write`]: takes as much of `data` as allowed without copying
+    /// and advances `data` past it. `Ok(0)` means blocked.
+    pub fn write_bytes(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        data: &mut Bytes,
+    ) -> Result<usize, TransportError> {
+        let quinn = &mut self.conn_mut(conn)?.quinn;
+        let mut chunks = [std::mem::take(data)];
+        let result = quinn.send_stream(stream).write_chunks(&mut chunks);
+        *data = std::mem::take(&mut chunks[0]);
+        match result {
+            Ok(written) => Ok(written.bytes),
+            Err(quinn_proto::WriteError::Blocked) => Ok(0),
+            Err(quinn_proto::WriteError::Stopped(code)) => {
+                Err(TransportError::Stopped(code.into_inner()))
+            }
+            Err(quinn_proto::WriteError::ClosedStream) => Err(TransportError::ClosedStream),
+        }
+    }
+
     /// Ends the stream after the data written so far (a FIN).
     pub fn finish(
         &mut self,
@@ -956,6 +989,32 @@ impl Transport {
             return Ok(StreamRead::Data(filled));
         }
         outcome.unwrap_or(Ok(StreamRead::Blocked))
+    }
+
+    /// Zero-copy [`Transport::read`]: the next in-order chunk of at most `max` bytes, as
+    /// quinn-proto received it.
+    pub fn read_chunk(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        max: usize,
+    ) -> Result<StreamChunk, TransportError> {
+        let c = self.conn_mut(conn)?;
+        if c.eof_pending.remove(&stream) {
+            return Ok(StreamChunk::Finished);
+        }
+        let mut recv = c.quinn.recv_stream(stream);
+        let mut chunks = recv.read(true).map_err(|_| TransportError::ClosedStream)?;
+        let outcome = match chunks.next(max) {
+            Ok(Some(chunk)) => Ok(StreamChunk::Data(chunk.bytes)),
+            Ok(None) => Ok(StreamChunk::Finished),
+            Err(quinn_proto::ReadError::Blocked) => Ok(StreamChunk::Blocked),
+            Err(quinn_proto::ReadError::Reset(code)) => {
+                Err(TransportError::Reset(code.into_inner()))
+            }
+        };
+        let _ = chunks.finalize();
+        outcome
     }
 
     /// Sends an unreliable QUIC datagram (RFC 9221). Oldest queued datagrams are dropped if

@@ -497,6 +497,47 @@ fn twenty_megabytes_arrive_intact() {
 }
 
 #[test]
+fn zero_copy_write_and_read() {
+    let mut net = Net::new(&[1, 2], DIRECT, 18);
+    let (ca, cb) = net.connect(0, 1);
+    let data = Bytes::from(pattern(3 << 20, 18));
+    let s = net.nodes[0].open_stream(ca, Dir::Uni).unwrap().unwrap();
+    let mut rest = data.clone();
+    let mut finished = false;
+    let mut rs = None;
+    let mut got = Vec::new();
+    net.run_until(100_000, |net| {
+        while !rest.is_empty() {
+            let before = rest.len();
+            let n = net.nodes[0].write_bytes(ca, s, &mut rest).unwrap();
+            assert_eq!(before - n, rest.len());
+            if n == 0 {
+                break;
+            }
+        }
+        if rest.is_empty() && !finished {
+            net.nodes[0].finish(ca, s).unwrap();
+            finished = true;
+        }
+        if rs.is_none() {
+            rs = net.nodes[1].accept_stream(cb, Dir::Uni).unwrap();
+        }
+        let Some(rs) = rs else { return false };
+        loop {
+            match net.nodes[1].read_chunk(cb, rs, 100_000).unwrap() {
+                StreamChunk::Data(b) => {
+                    assert!(b.len() <= 100_000);
+                    got.extend_from_slice(&b);
+                }
+                StreamChunk::Blocked => return false,
+                StreamChunk::Finished => return true,
+            }
+        }
+    });
+    assert!(got == data[..]);
+}
+
+#[test]
 fn transfer_survives_loss_and_reordering() {
     let link = Link {
         latency: Duration::from_millis(10),
