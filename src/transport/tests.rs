@@ -98,6 +98,15 @@ impl Net {
 
     fn send(&mut self, from: usize, to: PeerId, datagram: &[u8]) {
         self.sent += 1;
+        // RFC 9287 greasing is off: every datagram keeps the fixed bit, so the node's
+        // first-byte demultiplexer (RFC 9443 ranges) always sees QUIC.
+        assert_eq!(
+            wire::classify(datagram),
+            PacketClass::Quic,
+            "first byte {:#04x}",
+            datagram[0]
+        );
+        assert!(datagram.len() <= MAX_UDP_PAYLOAD as usize);
         if self.capture.len() < 200 {
             self.capture.push(datagram.to_vec());
         }
