@@ -113,7 +113,10 @@ impl Identity {
         if lines.next().map(str::trim) != Some(HEADER) {
             return Err(bad("missing header line"));
         }
-        let hex_key = lines.next().map(str::trim).ok_or_else(|| bad("missing key line"))?;
+        let hex_key = lines
+            .next()
+            .map(str::trim)
+            .ok_or_else(|| bad("missing key line"))?;
         let bytes = unhex(hex_key).ok_or_else(|| bad("key line is not 64 hex digits"))?;
         Ok(Self::from_secret(bytes))
     }
