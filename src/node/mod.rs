@@ -221,8 +221,14 @@ pub enum SendError {
 enum Timer {
     /// Periodic re-discovery (roaming: a new reflexive address).
     Rediscover = 0,
+    /// Register now even though STUN has not answered yet.
+    RegisterDeadline = 1,
 }
-const TIMER_COUNT: usize = 1;
+const TIMER_COUNT: usize = 2;
+/// How long `Register` may wait for our reflexive address. Registering with it means the
+/// relay's introductions carry it; without it, a peer's first probes can arrive before
+/// ours left (see `punch`), which a bare masquerade NAT punishes.
+const REGISTER_WAIT: Duration = Duration::from_secs(1);
 /// How often the STUN round repeats to notice a changed mapping.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(120);
 /// Most app pings awaiting a pong.
@@ -264,6 +270,7 @@ pub struct NodeCore {
     nat: NatReport,
     netcheck_wanted: bool,
     advertised: Option<(Vec<Candidate>, NatReport)>,
+    pending_challenge: Option<[u8; 32]>,
 }
 
 impl NodeCore {
@@ -291,6 +298,7 @@ impl NodeCore {
             nat: NatReport::default(),
             netcheck_wanted: false,
             advertised: None,
+            pending_challenge: None,
         }
     }
 
@@ -412,6 +420,11 @@ impl NodeCore {
         }
         self.check_discovery(now);
 
+        if self.timers[Timer::RegisterDeadline as usize].is_some_and(|t| t <= now) {
+            self.timers[Timer::RegisterDeadline as usize] = None;
+            self.send_register();
+        }
+
         if self.timers[Timer::Rediscover as usize].is_some_and(|t| t <= now) {
             self.timers[Timer::Rediscover as usize] = Some(now + REDISCOVER_EVERY);
             if !self.discovery.is_running() {
@@ -455,6 +468,7 @@ impl NodeCore {
 
     /// The relay TCP connection closed or could not be opened.
     pub fn handle_relay_closed(&mut self, now: Instant) {
+        self.pending_challenge = None;
         let mut actions = Vec::new();
         self.session.on_closed(now, &mut self.rng, &mut actions);
         self.apply_session(now, actions, Vec::new());
@@ -660,7 +674,10 @@ impl NodeCore {
                 SessionAction::Connect(addr) => {
                     self.events.push_back(NodeEvent::ConnectRelayTcp(addr))
                 }
-                SessionAction::Close => self.events.push_back(NodeEvent::CloseRelayTcp),
+                SessionAction::Close => {
+                    self.pending_challenge = None;
+                    self.events.push_back(NodeEvent::CloseRelayTcp)
+                }
                 SessionAction::Lost => {
                     self.advertised = None;
                     self.events.push_back(NodeEvent::RelayLost);
@@ -703,6 +720,7 @@ impl NodeCore {
             debug!(%addr, "reflexive address");
             self.reflexive = Some(addr);
         }
+        self.send_register();
         self.maybe_update_candidates(now);
     }
 
@@ -726,6 +744,10 @@ impl NodeCore {
         {
             self.set_reflexive(now, m);
         }
+        if !self.discovery.relay_pending() {
+            // Answered or failed: nothing left to wait for.
+            self.send_register();
+        }
         if let Some(report) = self.discovery.take_report(&self.cfg.local_addrs) {
             self.nat = report.nat;
             if let Some(p) = report.public_addr {
@@ -743,20 +765,12 @@ impl NodeCore {
         match msg {
             ServerMsg::Challenge { nonce, .. } => {
                 if self.session.on_challenge(now) {
-                    let candidates = self.candidates();
-                    let reg = Register {
-                        peer_id: self.peer_id(),
-                        signature: self
-                            .cfg
-                            .identity
-                            .sign(&control::register_signed_bytes(&nonce)),
-                        token: self.cfg.token.clone(),
-                        candidates: candidates.clone(),
-                        nat: self.nat,
-                        agent: self.cfg.agent.clone(),
-                    };
-                    self.session.send_control(&ClientMsg::Register(reg));
-                    self.advertised = Some((candidates, self.nat));
+                    self.pending_challenge = Some(nonce);
+                    if self.reflexive.is_some() || !self.discovery.relay_pending() {
+                        self.send_register();
+                    } else {
+                        self.timers[Timer::RegisterDeadline as usize] = Some(now + REGISTER_WAIT);
+                    }
                 }
             }
             ServerMsg::Registered {
@@ -845,6 +859,27 @@ impl NodeCore {
                 }
             }
         }
+    }
+
+    fn send_register(&mut self) {
+        let Some(nonce) = self.pending_challenge.take() else {
+            return;
+        };
+        self.timers[Timer::RegisterDeadline as usize] = None;
+        let candidates = self.candidates();
+        let reg = Register {
+            peer_id: self.peer_id(),
+            signature: self
+                .cfg
+                .identity
+                .sign(&control::register_signed_bytes(&nonce)),
+            token: self.cfg.token.clone(),
+            candidates: candidates.clone(),
+            nat: self.nat,
+            agent: self.cfg.agent.clone(),
+        };
+        self.session.send_control(&ClientMsg::Register(reg));
+        self.advertised = Some((candidates, self.nat));
     }
 
     fn on_introduce(&mut self, now: Instant, intro: control::Introduction) {

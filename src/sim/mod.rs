@@ -763,4 +763,6 @@ impl Sim {
 }
 
 #[cfg(test)]
+mod matrix;
+#[cfg(test)]
 mod tests;

@@ -335,7 +335,13 @@ impl Nat {
     /// or `None` when filtered (or no mapping).
     pub fn inbound(&mut self, now: Instant, remote: SocketAddr, port: u16) -> Option<SocketAddr> {
         self.expire(now);
-        if self.clash(remote, port) {
+        if let Some(c) = self
+            .clashes
+            .iter_mut()
+            .find(|c| c.remote == remote && c.port == port)
+        {
+            // Every packet refreshes the router's own conntrack entry.
+            c.expires = now + CLASH_LIFETIME;
             self.dropped_inbound += 1;
             return None;
         }
