@@ -159,6 +159,7 @@ pub struct Register {
     /// Access token, when the relay requires one.
     pub token: Option<String>,
     /// The node's own candidates (host addresses, mappings).
+    #[serde(deserialize_with = "bounded_candidates")]
     pub candidates: Vec<Candidate>,
     /// What the node measured of its NAT.
     pub nat: NatReport,
@@ -181,6 +182,7 @@ pub enum ClientMsg {
     /// New candidates or NAT report (after roaming or a new measurement).
     UpdateCandidates {
         /// Replaces the node's candidate list.
+        #[serde(deserialize_with = "bounded_candidates")]
         candidates: Vec<Candidate>,
         /// Replaces the node's NAT report.
         nat: NatReport,
@@ -253,6 +255,7 @@ pub struct Introduction {
     /// This node's role.
     pub role: Role,
     /// The peer's candidates, the relay-observed reflexive address first.
+    #[serde(deserialize_with = "bounded_candidates")]
     pub candidates: Vec<Candidate>,
     /// The peer's NAT report.
     pub nat: NatReport,
@@ -320,6 +323,7 @@ pub enum ServerMsg {
         /// On which channel.
         channel: ChannelId,
         /// Its new candidates.
+        #[serde(deserialize_with = "bounded_candidates")]
         candidates: Vec<Candidate>,
         /// Its NAT report.
         nat: NatReport,
@@ -349,6 +353,50 @@ pub enum UdpMsg {
         /// Echoed.
         seq: u32,
     },
+}
+
+/// Decodes a candidate list, refusing more than [`MAX_CANDIDATES`] as soon as the length is
+/// read or the list passes it.
+///
+/// serde's own `Vec` visitor preallocates from the length the message claims (up to 1 MiB),
+/// and bincode's byte limit does not apply to sequences: an 8-byte message claiming 2^31
+/// candidates made the decoder allocate 1 MiB, and a 64 KiB one full of real candidates
+/// ~600 KiB, breaking this module's [`MAX_PACKET`] allocation bound. Found by
+/// `tests/wire_props.rs`. The bytes on the wire are unchanged; a longer list was already a
+/// protocol violation (see [`Validate`]).
+fn bounded_candidates<'de, D>(deserializer: D) -> Result<Vec<Candidate>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct BoundedVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for BoundedVisitor {
+        type Value = Vec<Candidate>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_CANDIDATES} candidates")
+        }
+
+        fn visit_seq<A>(self, mut seq: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::SeqAccess<'de>,
+        {
+            let too_many = |n: usize| serde::de::Error::invalid_length(n, &BoundedVisitor);
+            if let Some(n) = seq.size_hint().filter(|&n| n > MAX_CANDIDATES) {
+                return Err(too_many(n));
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(c) = seq.next_element()? {
+                if out.len() == MAX_CANDIDATES {
+                    return Err(too_many(out.len() + 1));
+                }
+                out.push(c);
+            }
+            Ok(out)
+        }
+    }
+
+    deserializer.deserialize_seq(BoundedVisitor)
 }
 
 type LimitedConfig = Configuration<LittleEndian, Varint, Limit<MAX_PACKET>>;
@@ -562,5 +610,18 @@ mod tests {
         };
         let bytes = to_vec(&msg).unwrap();
         assert!(decode_valid::<ClientMsg>(&bytes).is_err());
+        // Refused by the decoder itself, before building the list.
+        assert!(decode::<ClientMsg>(&bytes).is_err());
+    }
+
+    #[test]
+    fn huge_candidate_count_is_refused_before_allocating() {
+        // Regression (found by tests/wire_props.rs): UpdateCandidates claiming 2^31 - 1
+        // candidates made serde preallocate 1 MiB. Now refused on the length alone.
+        let bytes = [0x22, 1, 2, 252, 0xff, 0xff, 0xff, 0x7f];
+        assert!(matches!(
+            decode::<ClientMsg>(&bytes),
+            Err(WireError::Malformed(m)) if m.contains("at most")
+        ));
     }
 }

@@ -39,11 +39,12 @@ pub fn length_prefix(len: usize) -> [u8; LENGTH_LEN] {
     (len as u32).to_be_bytes()
 }
 
-/// Incremental frame reader with a bounded buffer (at most one maximal frame plus its prefix
-/// is ever buffered), for non-blocking sockets.
+/// Incremental frame reader with a bounded buffer (at most [`MAX_BUFFER`] bytes: one maximal
+/// frame plus its prefix and the preamble), for non-blocking sockets.
 ///
 /// Use: fill [`FrameReader::read_buf`] from the socket, call [`FrameReader::filled`] with the
-/// count, then take frames with [`FrameReader::next_frame`] until it returns `Ok(None)`.
+/// count, then take frames with [`FrameReader::next_frame`] until it returns `Ok(None)`;
+/// repeat until the socket would block.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -55,6 +56,10 @@ pub struct FrameReader {
 
 /// Initial buffer size; it grows only as far as a frame in flight needs.
 const INITIAL_CAPACITY: usize = 16 * 1024;
+
+/// The most a [`FrameReader`] ever buffers: the preamble, one length prefix and one maximal
+/// frame body. Holding this many bytes means a complete frame (or an error) is buffered.
+pub const MAX_BUFFER: usize = PREAMBLE.len() + LENGTH_LEN + MAX_FRAME_BODY;
 
 impl FrameReader {
     /// A reader; `expect_preamble` on the accepting (relay) side.
@@ -72,7 +77,13 @@ impl FrameReader {
         self.end - self.start
     }
 
-    /// Spare space to read into. Never empty: compacts, then grows up to one maximal frame.
+    /// Spare space to read into: compacts, then grows up to [`MAX_BUFFER`] bytes in all.
+    ///
+    /// Empty only when the buffer is full at [`MAX_BUFFER`], which means it already holds a
+    /// complete frame or an error: take them with [`FrameReader::next_frame`] before reading
+    /// again (a socket read into an empty slice returns 0, which looks like EOF). A driver
+    /// that alternates one read with draining `next_frame` (as [`FrameReader::push`] does)
+    /// never sees an empty slice.
     pub fn read_buf(&mut self) -> &mut [u8] {
         if self.end == self.buf.len() {
             if self.start > 0 {
@@ -80,9 +91,11 @@ impl FrameReader {
                 self.end -= self.start;
                 self.start = 0;
             }
-            if self.end == self.buf.len() {
-                let max = LENGTH_LEN + MAX_FRAME_BODY + PREAMBLE.len();
-                let grown = (self.buf.len() * 2).min(max).max(self.buf.len() + 1);
+            if self.end == self.buf.len() && self.buf.len() < MAX_BUFFER {
+                // Never past MAX_BUFFER: a driver that keeps reading without taking frames
+                // must not grow the buffer without bound (it used to grow by one byte per
+                // call once full).
+                let grown = (self.buf.len() * 2).min(MAX_BUFFER);
                 self.buf.resize(grown, 0);
             }
         }
@@ -200,6 +213,40 @@ mod tests {
         let got = r.push(&wire).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].len(), MAX_FRAME_BODY);
+    }
+
+    #[test]
+    fn reading_without_taking_frames_stays_bounded() {
+        // Regression (found by tests/wire_props.rs): a driver that read until the buffer was
+        // full without calling next_frame made the buffer grow one byte per call, forever.
+        let mut r = FrameReader::new(true);
+        let mut total = 0;
+        for _ in 0..10 {
+            let spare = r.read_buf();
+            spare.fill(0x22);
+            let n = spare.len();
+            r.filled(n);
+            total += n;
+        }
+        assert_eq!(total, MAX_BUFFER);
+        assert!(r.read_buf().is_empty());
+        // What is buffered is a complete frame... or here, since the first byte is not 'B',
+        // an error; either way next_frame makes progress.
+        assert!(r.next_frame().is_err());
+        let mut r = FrameReader::new(false);
+        let mut wire = Vec::new();
+        encode(&vec![0x20; MAX_FRAME_BODY], &mut wire).unwrap();
+        encode(&[0x22, 1], &mut wire).unwrap();
+        let mut fed = 0;
+        while !r.read_buf().is_empty() && fed < wire.len() {
+            let spare = r.read_buf();
+            let n = spare.len().min(wire.len() - fed);
+            spare[..n].copy_from_slice(&wire[fed..fed + n]);
+            r.filled(n);
+            fed += n;
+        }
+        assert_eq!(r.next_frame().unwrap().unwrap().len(), MAX_FRAME_BODY);
+        assert!(!r.read_buf().is_empty());
     }
 
     #[test]
