@@ -344,7 +344,7 @@ impl NodeCore {
         let p = self.peers.get(h)?;
         path::choose(path::PathInputs {
             direct: p.punch.direct().map(|d| d.remote),
-            has_channel: p.intro.is_some(),
+            has_channel: p.intro.is_some() && p.channel_live,
             relay_registered: self.session.is_registered(),
             relay_udp: self.session.udp_works(now),
         })
@@ -407,7 +407,7 @@ impl NodeCore {
         let mut udp = Vec::new();
         self.session
             .on_timeout(now, &mut self.rng, &mut actions, &mut udp);
-        self.apply_session(now, actions, udp);
+        self.apply_session(actions, udp);
 
         let mut stun_out = Vec::new();
         self.discovery.on_timeout(now, &mut stun_out);
@@ -471,7 +471,7 @@ impl NodeCore {
         self.pending_challenge = None;
         let mut actions = Vec::new();
         self.session.on_closed(now, &mut self.rng, &mut actions);
-        self.apply_session(now, actions, Vec::new());
+        self.apply_session(actions, Vec::new());
     }
 
     /// Bytes read from the relay TCP connection.
@@ -480,7 +480,7 @@ impl NodeCore {
         let mut incoming = Vec::new();
         self.session
             .on_tcp_data(now, data, &mut self.rng, &mut actions, &mut incoming);
-        self.apply_session(now, actions, Vec::new());
+        self.apply_session(actions, Vec::new());
         for inc in incoming {
             match inc {
                 Incoming::Control(msg) => self.on_server_msg(now, msg),
@@ -505,7 +505,7 @@ impl NodeCore {
                             debug!("relay forgot our UDP token; re-registering");
                             let mut actions = Vec::new();
                             self.session.reset(now, &mut self.rng, &mut actions);
-                            self.apply_session(now, actions, Vec::new());
+                            self.apply_session(actions, Vec::new());
                         }
                         UdpOutcome::Nothing => {}
                     },
@@ -661,7 +661,7 @@ impl NodeCore {
 
     // ------------------------------------------------------------------ internals
 
-    fn apply_session(&mut self, now: Instant, actions: Vec<SessionAction>, udp: Vec<Vec<u8>>) {
+    fn apply_session(&mut self, actions: Vec<SessionAction>, udp: Vec<Vec<u8>>) {
         for contents in udp {
             self.transmits.push_back(Transmit {
                 source: None,
@@ -681,14 +681,13 @@ impl NodeCore {
                 SessionAction::Lost => {
                     self.advertised = None;
                     self.events.push_back(NodeEvent::RelayLost);
-                    // Relayed paths are gone until re-introduction; say so for peers
-                    // without a direct path.
+                    // Relay channels die with the session; direct paths live on. The
+                    // initiator re-requests introductions after re-registering.
                     for h in self.peers.handles() {
-                        let Some(p) = self.peers.get_mut(h) else {
-                            continue;
-                        };
-                        p.pending_request = None;
-                        let _ = now;
+                        self.peers.clear_channel(h);
+                        if let Some(p) = self.peers.get_mut(h) {
+                            p.pending_request = None;
+                        }
                     }
                 }
             }
@@ -787,7 +786,7 @@ impl NodeCore {
                     stun_alternate,
                     &mut udp,
                 ) {
-                    self.apply_session(now, Vec::new(), udp);
+                    self.apply_session(Vec::new(), udp);
                     self.events
                         .push_back(NodeEvent::Registered { observed_tcp });
                     self.maybe_update_candidates(now);
@@ -823,16 +822,10 @@ impl NodeCore {
                     && self.peers.get(h).is_some_and(|p| p.id == peer)
                 {
                     self.peers.clear_channel(h);
-                    if let Some(p) = self.peers.get_mut(h) {
-                        if p.punch.direct().is_none() {
-                            p.punch.stop();
-                        }
-                        p.intro = p.intro.map(|mut k| {
-                            // Keep the keys (a direct path still uses them) but make the
-                            // channel unusable by pointing it nowhere.
-                            k.channel = ChannelId(u32::MAX);
-                            k
-                        });
+                    if let Some(p) = self.peers.get_mut(h)
+                        && p.punch.direct().is_none()
+                    {
+                        p.punch.stop();
                     }
                     self.events.push_back(NodeEvent::PeerGone { peer });
                 }
@@ -1061,6 +1054,7 @@ fn new_peer(id: PeerId) -> Peer {
         wanted: false,
         pending_request: None,
         intro: None,
+        channel_live: false,
         punch: PunchState::default(),
     }
 }

@@ -347,3 +347,20 @@ fn netcheck_reports_mapping_behaviour() {
         assert!(r.relay_rtt.is_some());
     }
 }
+
+#[test]
+fn connect_to_unknown_peer_fails_cleanly() {
+    let mut sim = Sim::new(29, SimConfig::default());
+    let n = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let a = sim.add_host(Some(n), ms(0), |_| {});
+    assert!(sim.run_until(secs(10), |s| registered(s, a)));
+    let stranger = crate::identity::Identity::from_secret([9; 32]).peer_id();
+    sim.with_node(a, |n, now| n.connect(now, stranger));
+    sim.run_for(secs(1));
+    assert!(sim.has_event(a, |e| matches!(
+        e,
+        NodeEvent::ConnectFailed { peer, reason: crate::wire::control::ConnectFailure::UnknownPeer, .. } if *peer == stranger
+    )));
+    let r = sim.with_node(a, |n, now| n.send_datagram(now, &stranger, &quic(1)));
+    assert_eq!(r, Err(crate::node::SendError::NoPath));
+}
