@@ -9,6 +9,8 @@
 //! - [`stun_server`]: the STUN Binding responder (stateless).
 //! - [`limits`]: token buckets and per-IP rate windows.
 //! - [`metrics`]: counters as plain integers and their Prometheus text rendering.
+//! - `sim_adapter` (with the `sim` feature or in tests): the core behind the simulator's
+//!   `SimRelay` trait, so simulated nodes run against the real relay.
 //! - [`config`]: [`RelayConfig`] and [`Limits`] with their defaults.
 
 pub mod config;
@@ -16,11 +18,15 @@ pub mod core;
 pub mod limits;
 pub mod metrics;
 pub mod session;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim_adapter;
 pub mod stun_server;
 
 pub use self::config::{Limits, RelayConfig};
 pub use self::core::{ConnId, Event, Forward, RelayCore, Transmit};
 pub use self::metrics::Metrics;
 
+#[cfg(test)]
+mod sim_tests;
 #[cfg(test)]
 mod tests;
