@@ -551,3 +551,49 @@ fn rfc5780_discovery_with_coturn_client() {
     );
     assert!(relay.metric("burrow_relay_stun_responses_total") >= 3);
 }
+
+#[test]
+fn limits_are_enforced_by_the_binary() {
+    let relay = Relay::start(&[
+        "--max-sessions-per-ip",
+        "2",
+        "--handshake-timeout-secs",
+        "1",
+    ]);
+    let mut s1 = Session::open(relay.addr);
+    let mut s2 = Session::open(relay.addr);
+    s1.challenge();
+    s2.challenge();
+    let mut s3 = Session::open(relay.addr);
+    match s3.recv() {
+        Got::Ctl(ServerMsg::Error {
+            code: ErrorCode::TooManySessions,
+            ..
+        }) => {}
+        g => panic!("expected TooManySessions, got {g:?}"),
+    }
+    // Never registering: the handshake timeout ends both.
+    for s in [&mut s1, &mut s2] {
+        match s.recv() {
+            Got::Ctl(ServerMsg::Error {
+                code: ErrorCode::HandshakeTimeout,
+                ..
+            }) => {}
+            g => panic!("expected HandshakeTimeout, got {g:?}"),
+        }
+    }
+    assert_eq!(
+        relay.metric("burrow_relay_limit_hits_total{limit=\"sessions_per_ip\"}"),
+        1
+    );
+    assert_eq!(
+        relay.metric("burrow_relay_limit_hits_total{limit=\"handshake_timeout\"}"),
+        2
+    );
+    // Anything but /metrics is a 404.
+    let mut h = TcpStream::connect(relay.metrics.unwrap()).unwrap();
+    h.write_all(b"GET /secret HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut h, &mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+}
