@@ -199,7 +199,9 @@ pub struct ConnectionHandle {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Handshake complete and the peer authenticated as `peer`. The layer above applies its
-    /// allow list here (and [`Transport::close`]s refused peers).
+    /// allow list here (and [`Transport::close`]s refused peers). On the client side the
+    /// server checks our certificate only after this point (TLS 1.3 client Finished), so a
+    /// refusal there shows up as a [`Event::ConnectionLost`] right after.
     Connected {
         /// The connection.
         conn: ConnectionHandle,
