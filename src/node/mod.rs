@@ -526,7 +526,11 @@ impl NodeCore {
                 },
                 packet,
             ),
-            PacketClass::Quic => match self.peers.by_direct(from) {
+            PacketClass::Quic => match self
+                .peers
+                .by_direct(from)
+                .or_else(|| self.peers.by_validated(from))
+            {
                 Some(h) => {
                     if let Some(p) = self.peers.get_mut(h) {
                         p.punch.note_received(now, from, &self.cfg.punch);
@@ -948,7 +952,11 @@ impl NodeCore {
         let peer_id = p.id;
         if let Via::Direct { from, .. } = via {
             p.punch.note_received(now, from, &self.cfg.punch);
+            self.peers.validate_addr(h, from);
         }
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
         match (pkt.kind, via) {
             (PunchType::Probe, Via::Direct { local, from }) => {
                 let mut out = Vec::new();
@@ -1056,5 +1064,6 @@ fn new_peer(id: PeerId) -> Peer {
         intro: None,
         channel_live: false,
         punch: PunchState::default(),
+        validated: Vec::new(),
     }
 }
