@@ -74,7 +74,7 @@ pub fn run_pair(
             Some(PathKind::Direct(_))
         )
     };
-    let direct = sim.run_until(Duration::from_secs(15), both_direct);
+    let direct = sim.run_until(Duration::from_secs(60), both_direct);
     let rtts_to_direct = direct.then(|| (sim.elapsed() - t0).as_secs_f64() / rtt.as_secs_f64());
     sim.run_for(Duration::from_secs(1));
     // Datagrams both ways.
