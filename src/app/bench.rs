@@ -8,9 +8,17 @@
 //! When the server is the receiver it answers with [`Reply::BenchResult`] (bytes it
 //! counted) after the EOF, so the client reports what actually arrived rather than what it
 //! queued. The client takes a throughput sample every second of the `now`s it is given.
+//!
+//! Datagram mode ([`BenchConfig::datagram_rate`], `burrow bench --datagram`) sends QUIC
+//! datagrams (RFC 9221) of `[sequence: u64 BE][filler]` at a target rate instead: they have
+//! no flow control, so the sender paces itself from the `now`s it is given (a tick every
+//! [`PACE_TICK`]) and the receiver counts them; loss is what the sequence numbers say is
+//! missing. One stream carries the control frames; its FIN marks the end of sending.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::protocol::{
     CODE_DONE, FramePoll, FrameReader, OutBuf, Reply, Request, decode_reply, encode_reply,
@@ -22,6 +30,12 @@ use crate::transport::{ConnectionHandle, Dir, Event, StreamId, StreamRead, Trans
 const FILLER: usize = 64 * 1024;
 /// Longest benchmark a server agrees to send for.
 pub const MAX_BENCH_SECONDS: u32 = 3600;
+/// Fastest datagram rate a server agrees to send at (bytes per second).
+pub const MAX_DATAGRAM_RATE: u64 = 10_000_000_000;
+/// Pacing interval of datagram mode.
+pub const PACE_TICK: Duration = Duration::from_millis(1);
+/// Most datagrams sent per pacing tick (bounds the work of one call after a long pause).
+const MAX_DATAGRAMS_PER_TICK: u64 = 4096;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +44,10 @@ pub struct BenchConfig {
     pub seconds: u32,
     /// `false`: we send; `true`: the peer sends.
     pub reverse: bool,
-    /// Parallel streams.
+    /// Parallel streams (stream mode only).
     pub streams: u16,
+    /// `Some(bytes per second)`: datagram mode at this target rate.
+    pub datagram_rate: Option<u64>,
 }
 
 impl Default for BenchConfig {
@@ -40,6 +56,7 @@ impl Default for BenchConfig {
             seconds: 10,
             reverse: false,
             streams: 1,
+            datagram_rate: None,
         }
     }
 }
@@ -78,6 +95,95 @@ pub struct BenchSummary {
     pub samples: Vec<Sample>,
     /// Streams that failed (reset, connection lost), with the reason.
     pub errors: Vec<String>,
+    /// Datagram mode's counts.
+    pub datagrams: Option<DatagramStats>,
+}
+
+/// What datagram mode counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatagramStats {
+    /// Datagrams sent (when we sent), or the highest sequence seen + 1 (when we received:
+    /// losses after the last received one are invisible).
+    pub sent: u64,
+    /// Datagrams that arrived.
+    pub received: u64,
+    /// `sent - received`.
+    pub lost: u64,
+}
+
+/// Sends sequence-numbered datagrams at a target rate.
+struct Pacer {
+    start: Instant,
+    rate: u64,
+    sent_bytes: u64,
+    next_seq: u64,
+    next_at: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(start: Instant, rate: u64) -> Self {
+        Pacer {
+            start,
+            rate: rate.clamp(1, MAX_DATAGRAM_RATE),
+            sent_bytes: 0,
+            next_seq: 0,
+            next_at: None,
+        }
+    }
+
+    /// Sends what is due by `now`; returns payload bytes sent.
+    fn send_due(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        conn: ConnectionHandle,
+        filler: &[u8],
+    ) -> Result<u64, String> {
+        let size = transport
+            .max_datagram_size(conn)
+            .ok_or("the peer does not accept datagrams")?
+            .min(filler.len())
+            .max(8);
+        let elapsed = now.saturating_duration_since(self.start).as_nanos();
+        let due = (u128::from(self.rate) * elapsed / 1_000_000_000) as u64 + size as u64;
+        let mut sent = 0;
+        let mut count = 0;
+        while self.sent_bytes < due && count < MAX_DATAGRAMS_PER_TICK {
+            let mut d = BytesMut::with_capacity(size);
+            d.put_u64(self.next_seq);
+            d.put_slice(&filler[..size - 8]);
+            transport
+                .send_datagram(conn, d.freeze())
+                .map_err(|e| e.to_string())?;
+            self.next_seq += 1;
+            self.sent_bytes += size as u64;
+            sent += size as u64;
+            count += 1;
+        }
+        self.next_at = Some(now + PACE_TICK);
+        Ok(sent)
+    }
+}
+
+/// Counts received datagrams and the highest sequence number.
+#[derive(Debug, Default)]
+struct DatagramCounter {
+    received: u64,
+    highest: Option<u64>,
+}
+
+impl DatagramCounter {
+    fn record(&mut self, data: &Bytes) {
+        let Some(seq) = data.get(..8) else {
+            tracing::trace!(len = data.len(), "short bench datagram");
+            return;
+        };
+        let mut b = [0; 8];
+        b.copy_from_slice(seq);
+        let seq = u64::from_be_bytes(b);
+        self.received += 1;
+        self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
+    }
 }
 
 impl BenchSummary {
@@ -102,6 +208,8 @@ struct ClientStream {
     bytes: u64,
     /// Receiver's count (sending) or our own at EOF (receiving).
     result: Option<u64>,
+    /// Datagram mode, sending: the receiver's datagram count.
+    peer_datagrams: Option<u64>,
     error: Option<String>,
 }
 
@@ -118,18 +226,34 @@ pub struct BenchClient {
     sample_start: Option<Instant>,
     sample_bytes: u64,
     samples: Vec<Sample>,
+    pacer: Option<Pacer>,
+    counter: DatagramCounter,
 }
 
 impl BenchClient {
     /// A benchmark over `conn`; it starts on the first [`BenchClient::on_tick`].
     pub fn new(config: BenchConfig, conn: ConnectionHandle) -> Self {
-        let streams = (0..config.streams.max(1))
-            .map(|_| {
-                let mut header = OutBuf::new();
-                header.push(&encode_request(&Request::Bench {
+        let (count, request) = match config.datagram_rate {
+            Some(rate) => (
+                1,
+                Request::BenchDatagrams {
                     seconds: config.seconds,
                     reverse: config.reverse,
-                }));
+                    rate,
+                },
+            ),
+            None => (
+                config.streams.max(1),
+                Request::Bench {
+                    seconds: config.seconds,
+                    reverse: config.reverse,
+                },
+            ),
+        };
+        let streams = (0..count)
+            .map(|_| {
+                let mut header = OutBuf::new();
+                header.push(&encode_request(&request));
                 ClientStream {
                     stream: None,
                     header,
@@ -138,6 +262,7 @@ impl BenchClient {
                     fin_sent: false,
                     bytes: 0,
                     result: None,
+                    peer_datagrams: None,
                     error: None,
                 }
             })
@@ -154,6 +279,8 @@ impl BenchClient {
             sample_start: None,
             sample_bytes: 0,
             samples: Vec::new(),
+            pacer: None,
+            counter: DatagramCounter::default(),
         }
     }
 
@@ -174,6 +301,16 @@ impl BenchClient {
             }
             Event::StreamsAvailable { conn, .. } if conn == self.conn => {
                 self.on_tick(now, transport);
+                true
+            }
+            Event::DatagramReceived { conn, ref data }
+                if conn == self.conn && self.config.datagram_rate.is_some() =>
+            {
+                if self.config.reverse && self.end.is_none() {
+                    self.counter.record(data);
+                    self.streams[0].bytes += data.len() as u64;
+                    self.sample(now);
+                }
                 true
             }
             Event::ConnectionLost {
@@ -210,10 +347,14 @@ impl BenchClient {
             return None;
         }
         let next_sample = self.sample_start.map(|s| s + Duration::from_secs(1));
-        let deadline = self
-            .deadline
-            .filter(|_| !self.config.reverse && self.streams.iter().any(|s| !s.fin_sent));
-        [next_sample, deadline].into_iter().flatten().min()
+        let sending = !self.config.reverse && self.streams.iter().any(|s| !s.fin_sent);
+        let deadline = self.deadline.filter(|_| sending);
+        let pace = self
+            .pacer
+            .as_ref()
+            .and_then(|p| p.next_at)
+            .filter(|_| sending);
+        [next_sample, deadline, pace].into_iter().flatten().min()
     }
 
     /// Whether every stream ended.
@@ -240,6 +381,24 @@ impl BenchClient {
                 .iter()
                 .filter_map(|s| s.error.clone())
                 .collect(),
+            datagrams: self.config.datagram_rate.map(|_| {
+                if self.config.reverse {
+                    let sent = self.counter.highest.map_or(0, |h| h + 1);
+                    DatagramStats {
+                        sent,
+                        received: self.counter.received,
+                        lost: sent.saturating_sub(self.counter.received),
+                    }
+                } else {
+                    let sent = self.pacer.as_ref().map_or(0, |p| p.next_seq);
+                    let received = self.streams[0].peer_datagrams.unwrap_or(0);
+                    DatagramStats {
+                        sent,
+                        received,
+                        lost: sent.saturating_sub(received),
+                    }
+                }
+            }),
         }
     }
 
@@ -286,6 +445,7 @@ impl BenchClient {
     fn pump(&mut self, now: Instant, transport: &mut Transport, i: usize) {
         let conn = self.conn;
         let reverse = self.config.reverse;
+        let datagram = self.config.datagram_rate;
         let past_deadline = self.deadline.is_some_and(|d| now >= d);
         let s = &mut self.streams[i];
         if s.result.is_some() || s.error.is_some() {
@@ -313,12 +473,27 @@ impl BenchClient {
             stream,
             reverse,
             past_deadline,
+            datagram.is_some(),
             &self.filler,
             &mut self.read_buf,
         ) {
             s.error = Some(e);
             let _ = transport.reset(conn, stream, CODE_DONE);
             let _ = transport.stop(conn, stream, CODE_DONE);
+        } else if let Some(rate) = datagram
+            && !reverse
+            && s.accepted
+            && !s.fin_sent
+            && !past_deadline
+        {
+            let pacer = self.pacer.get_or_insert_with(|| Pacer::new(now, rate));
+            match pacer.send_due(now, transport, conn, &self.filler) {
+                Ok(n) => s.bytes += n,
+                Err(e) => {
+                    s.error = Some(e);
+                    let _ = transport.reset(conn, stream, CODE_DONE);
+                }
+            }
         }
         self.check_done(now);
         self.sample(now);
@@ -333,6 +508,7 @@ fn client_step(
     stream: StreamId,
     reverse: bool,
     past_deadline: bool,
+    datagram: bool,
     filler: &[u8],
     read_buf: &mut [u8],
 ) -> Result<(), String> {
@@ -344,7 +520,7 @@ fn client_step(
         if reverse || past_deadline {
             transport.finish(conn, stream).map_err(|e| e.to_string())?;
             s.fin_sent = true;
-        } else {
+        } else if !datagram {
             loop {
                 let n = transport
                     .write(conn, stream, filler)
@@ -369,6 +545,12 @@ fn client_step(
                     Reply::Accept { .. } => s.accepted = true,
                     Reply::BenchResult { bytes, .. } => {
                         s.result = Some(bytes);
+                        let _ = transport.stop(conn, stream, CODE_DONE);
+                        return Ok(());
+                    }
+                    Reply::DatagramResult { datagrams, bytes } => {
+                        s.result = Some(bytes);
+                        s.peer_datagrams = Some(datagrams);
                         let _ = transport.stop(conn, stream, CODE_DONE);
                         return Ok(());
                     }
@@ -402,6 +584,12 @@ struct ServerStream {
     fin_queued: bool,
     fin_sent: bool,
     eof: bool,
+    /// Datagram mode: the target rate.
+    datagram_rate: Option<u64>,
+    /// Datagram mode, sending.
+    pacer: Option<Pacer>,
+    /// Datagram mode, receiving.
+    datagrams: u64,
 }
 
 /// A finished benchmark stream on the server side.
@@ -420,6 +608,9 @@ pub struct BenchReport {
 /// The listener's side of benchmarks: any number of streams from any peers.
 pub struct BenchServer {
     streams: HashMap<(ConnectionHandle, StreamId), ServerStream>,
+    /// The receiving datagram benchmark of each connection (datagrams carry no stream ID,
+    /// so a connection runs at most one).
+    datagram_sessions: HashMap<ConnectionHandle, StreamId>,
     filler: Vec<u8>,
     read_buf: Vec<u8>,
     reports: Vec<BenchReport>,
@@ -436,13 +627,16 @@ impl BenchServer {
     pub fn new() -> Self {
         BenchServer {
             streams: HashMap::new(),
+            datagram_sessions: HashMap::new(),
             filler: vec![0xa5; FILLER],
             read_buf: vec![0; FILLER],
             reports: Vec::new(),
         }
     }
 
-    /// Takes a stream whose [`Request::Bench`] was read.
+    /// Takes a stream whose [`Request::Bench`] (`datagram_rate: None`) or
+    /// [`Request::BenchDatagrams`] was read.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &mut self,
         now: Instant,
@@ -451,7 +645,24 @@ impl BenchServer {
         stream: StreamId,
         seconds: u32,
         reverse: bool,
+        datagram_rate: Option<u64>,
     ) {
+        if datagram_rate.is_some() && !reverse {
+            if self.datagram_sessions.contains_key(&conn) {
+                let mut q = super::protocol::RejectQueue::default();
+                q.reject(
+                    transport,
+                    conn,
+                    stream,
+                    super::protocol::Reason::new(
+                        super::protocol::REASON_BUSY,
+                        "a datagram benchmark is already running on this connection",
+                    ),
+                );
+                return;
+            }
+            self.datagram_sessions.insert(conn, stream);
+        }
         let mut out = OutBuf::new();
         out.push(&encode_reply(&Reply::Accept { resume_offset: 0 }));
         let seconds = seconds.min(MAX_BENCH_SECONDS);
@@ -466,6 +677,9 @@ impl BenchServer {
                 fin_queued: false,
                 fin_sent: false,
                 eof: false,
+                datagram_rate,
+                pacer: None,
+                datagrams: 0,
             },
         );
         self.pump(now, transport, conn, stream);
@@ -482,8 +696,19 @@ impl BenchServer {
                 self.pump(now, transport, conn, stream);
                 true
             }
+            Event::DatagramReceived { conn, ref data } => {
+                let Some(&stream) = self.datagram_sessions.get(&conn) else {
+                    return false;
+                };
+                if let Some(s) = self.streams.get_mut(&(conn, stream)) {
+                    s.datagrams += 1;
+                    s.bytes += data.len() as u64;
+                }
+                true
+            }
             Event::ConnectionLost { conn, .. } => {
                 self.streams.retain(|k, _| k.0 != conn);
+                self.datagram_sessions.remove(&conn);
                 false
             }
             _ => false,
@@ -503,7 +728,12 @@ impl BenchServer {
         self.streams
             .values()
             .filter(|s| s.reverse && !s.fin_sent)
-            .map(|s| s.deadline)
+            .map(|s| {
+                s.pacer
+                    .as_ref()
+                    .and_then(|p| p.next_at)
+                    .map_or(s.deadline, |t| t.min(s.deadline))
+            })
             .min()
     }
 
@@ -546,7 +776,12 @@ impl BenchServer {
             if s.fin_sent {
                 return Ok(s.eof);
             }
-            if s.reverse {
+            if let (true, Some(rate)) = (s.reverse, s.datagram_rate) {
+                if now < s.deadline {
+                    let pacer = s.pacer.get_or_insert_with(|| Pacer::new(now, rate));
+                    s.bytes += pacer.send_due(now, transport, conn, &self.filler)?;
+                }
+            } else if s.reverse {
                 while now < s.deadline {
                     let n = transport
                         .write(conn, stream, &self.filler)
@@ -576,9 +811,15 @@ impl BenchServer {
                 s.fin_sent = true;
             } else if !s.reverse && s.eof && !s.fin_queued {
                 let micros = now.saturating_duration_since(s.started).as_micros() as u64;
-                s.out.push(&encode_reply(&Reply::BenchResult {
-                    bytes: s.bytes,
-                    micros,
+                s.out.push(&encode_reply(&match s.datagram_rate {
+                    Some(_) => Reply::DatagramResult {
+                        datagrams: s.datagrams,
+                        bytes: s.bytes,
+                    },
+                    None => Reply::BenchResult {
+                        bytes: s.bytes,
+                        micros,
+                    },
                 }));
                 s.fin_queued = true;
                 if s.out
@@ -600,6 +841,9 @@ impl BenchServer {
             }
         };
         if done && let Some(s) = self.streams.remove(&(conn, stream)) {
+            if self.datagram_sessions.get(&conn) == Some(&stream) {
+                self.datagram_sessions.remove(&conn);
+            }
             self.reports.push(BenchReport {
                 conn,
                 bytes: s.bytes,

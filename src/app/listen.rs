@@ -317,7 +317,21 @@ impl Listener {
             ),
             Request::Bench { seconds, reverse } => {
                 self.bench
-                    .start(now, transport, conn, stream, seconds, reverse);
+                    .start(now, transport, conn, stream, seconds, reverse, None);
+            }
+            Request::BenchDatagrams { .. } if !self.config.bench => self.refuse(
+                transport,
+                conn,
+                stream,
+                Reason::new(REASON_NOT_ACCEPTING, "this node does not answer benchmarks"),
+            ),
+            Request::BenchDatagrams {
+                seconds,
+                reverse,
+                rate,
+            } => {
+                self.bench
+                    .start(now, transport, conn, stream, seconds, reverse, Some(rate));
             }
         }
     }

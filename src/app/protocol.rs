@@ -72,6 +72,17 @@ pub enum Request {
         /// `false`: the opener sends; `true`: the acceptor sends.
         reverse: bool,
     },
+    /// Measure unreliable QUIC datagram (RFC 9221) throughput and loss. The stream only
+    /// carries control (request, accept, result; FIN marks the end of sending); the data
+    /// travels as datagrams of `[sequence: u64 BE][filler]`.
+    BenchDatagrams {
+        /// How long the sending side sends.
+        seconds: u32,
+        /// `false`: the opener sends; `true`: the acceptor sends.
+        reverse: bool,
+        /// Target send rate in bytes per second (datagrams have no flow control).
+        rate: u64,
+    },
 }
 
 /// Why something was refused or failed: a machine-readable code and a human message.
@@ -153,6 +164,13 @@ pub enum Reply {
         bytes: u64,
         /// Microseconds from the request to EOF.
         micros: u64,
+    },
+    /// A datagram benchmark's receiving acceptor counted this much.
+    DatagramResult {
+        /// Datagrams received.
+        datagrams: u64,
+        /// Their payload bytes.
+        bytes: u64,
     },
 }
 
@@ -445,6 +463,14 @@ mod tests {
             }),
             [0, 0, 0, 4, 1, 2, 10, 0]
         );
+        assert_eq!(
+            encode_request(&Request::BenchDatagrams {
+                seconds: 1,
+                reverse: true,
+                rate: 1000,
+            }),
+            [0, 0, 0, 7, 1, 3, 1, 1, 251, 0xe8, 0x03]
+        );
     }
 
     #[test]
@@ -468,6 +494,13 @@ mod tests {
                 micros: 2
             }),
             [0, 0, 0, 4, 1, 4, 1, 2]
+        );
+        assert_eq!(
+            encode_reply(&Reply::DatagramResult {
+                datagrams: 3,
+                bytes: 4
+            }),
+            [0, 0, 0, 4, 1, 5, 3, 4]
         );
     }
 

@@ -701,7 +701,7 @@ fn pipe_refused_when_not_enabled() {
     }
 }
 
-fn bench(seed: u64, reverse: bool, streams: u16) -> BenchSummary {
+fn bench(seed: u64, reverse: bool, streams: u16, datagram_rate: Option<u64>) -> BenchSummary {
     // 50 ms one way: one second of virtual time is ten round trips, which keeps the
     // amount of data (and the test's run time) small.
     let mut net = Net::new(seed, Duration::from_millis(50));
@@ -711,6 +711,7 @@ fn bench(seed: u64, reverse: bool, streams: u16) -> BenchSummary {
             seconds: 1,
             reverse,
             streams,
+            datagram_rate,
         },
         ca,
     );
@@ -730,10 +731,24 @@ fn bench(seed: u64, reverse: bool, streams: u16) -> BenchSummary {
 
 #[test]
 fn bench_moves_data() {
-    bench(12, false, 1);
+    let s = bench(12, false, 1, None);
+    assert!(s.datagrams.is_none());
 }
 
 #[test]
 fn bench_reverse_with_several_streams() {
-    bench(13, true, 3);
+    bench(13, true, 3, None);
+}
+
+#[test]
+fn bench_datagrams_count_loss_both_ways() {
+    for (seed, reverse) in [(14, false), (15, true)] {
+        let s = bench(seed, reverse, 1, Some(1_000_000));
+        let d = s.datagrams.unwrap();
+        eprintln!("reverse={reverse}: {d:?}, {} bytes, {:?}", s.bytes, s.elapsed);
+        assert!(d.received > 0, "{d:?}");
+        assert_eq!(d.received + d.lost, d.sent, "{d:?}");
+        // One second at 1 MB/s of ~1.2 kB datagrams.
+        assert!(d.sent > 100, "{d:?}");
+    }
 }
