@@ -664,7 +664,10 @@ impl BenchServer {
             self.datagram_sessions.insert(conn, stream);
         }
         let mut out = OutBuf::new();
-        out.push(&encode_reply(&Reply::Accept { resume_offset: 0 }));
+        out.push(&encode_reply(&Reply::Accept {
+            resume_offset: 0,
+            prefix_hash: None,
+        }));
         let seconds = seconds.min(MAX_BENCH_SECONDS);
         self.streams.insert(
             (conn, stream),

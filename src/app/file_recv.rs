@@ -31,9 +31,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{
-    CODE_ABORTED, CODE_DONE, HASH_LEN, MAX_PATH_LEN, OutBuf, REASON_BAD_PATH, REASON_BUSY,
-    REASON_EXISTS, REASON_HASH_MISMATCH, REASON_IO, REASON_PROTOCOL, Reason, RejectQueue, Reply,
-    encode_reply,
+    CODE_ABORTED, CODE_DONE, HASH_LEN, MAX_PATH_LEN, OutBuf, REASON_BAD_PATH, REASON_EXISTS,
+    REASON_HASH_MISMATCH, REASON_IO, REASON_PROTOCOL, Reason, RejectQueue, Reply, encode_reply,
 };
 use crate::transport::{ConnectionHandle, Event, StreamId, StreamRead, Transport};
 use crate::wire::PeerId;
@@ -168,6 +167,19 @@ pub struct FileReceiverConfig {
     pub overwrite: bool,
 }
 
+/// The fields of a [`super::protocol::Request::File`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRequest {
+    /// Relative path as sent (not yet validated).
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Executable bit.
+    pub executable: bool,
+    /// Whether a partial copy may be resumed.
+    pub resume: bool,
+}
+
 /// A file being received, for progress display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingProgress {
@@ -269,20 +281,18 @@ impl FileReceiver {
     }
 
     /// Takes a file request read from `stream` (its request frame already consumed).
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &mut self,
         transport: &mut Transport,
         conn: ConnectionHandle,
         stream: StreamId,
         peer: PeerId,
-        path: String,
-        size: u64,
-        executable: bool,
+        request: FileRequest,
     ) {
-        match self.prepare(conn, stream, peer, &path, size, executable) {
+        let path = request.path.clone();
+        match self.prepare(transport, conn, stream, peer, request) {
             Ok(incoming) => {
-                tracing::debug!(peer = %peer.short(), %path, size, resume = incoming.have, "receiving file");
+                tracing::debug!(peer = %peer.short(), %path, size = incoming.size, resume = incoming.have, "receiving file");
                 self.streams.insert((conn, stream), incoming);
                 self.pump(transport, conn, stream);
             }
@@ -317,13 +327,19 @@ impl FileReceiver {
 
     fn prepare(
         &mut self,
+        transport: &mut Transport,
         conn: ConnectionHandle,
         stream: StreamId,
         peer: PeerId,
-        path: &str,
-        size: u64,
-        executable: bool,
+        request: FileRequest,
     ) -> Result<Incoming, Reason> {
+        let FileRequest {
+            path,
+            size,
+            executable,
+            resume,
+        } = request;
+        let path = path.as_str();
         let bad = |e: PathError| Reason::new(REASON_BAD_PATH, format!("{path:?}: {e}"));
         let components = validate_path(path).map_err(bad)?;
         let (name, parents) = components.split_last().ok_or(bad(PathError::Empty))?;
@@ -334,11 +350,20 @@ impl FileReceiver {
         check_target(&target, self.config.overwrite, path)?;
 
         let key = partial_key(&peer, path);
-        if self.streams.values().any(|s| s.key == key) {
-            return Err(Reason::new(
-                REASON_BUSY,
-                format!("{path} is already being received"),
-            ));
+        // The same peer asking again for the same path supersedes its older stream: the
+        // sender restarted (its old connection may not have timed out here yet), or it
+        // found our partial differs from its file and asks for a fresh start.
+        let older: Vec<_> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.key == key)
+            .map(|(k, _)| *k)
+            .collect();
+        for (c, st) in older {
+            tracing::debug!(%path, "superseding an older stream for the same file");
+            self.streams.remove(&(c, st));
+            let _ = transport.stop(c, st, CODE_ABORTED);
+            let _ = transport.reset(c, st, CODE_ABORTED);
         }
         let dir = self.partial_dir()?;
         let part_path = dir.join(format!("{key}.part"));
@@ -352,10 +377,14 @@ impl FileReceiver {
         let mut file = open_nofollow(&part_path).map_err(io)?;
         let mut hasher = blake3::Hasher::new();
         let mut have = 0;
-        if read_meta(&meta_path).as_ref() == Some(&meta) {
+        let mut prefix_hash = None;
+        if resume && read_meta(&meta_path).as_ref() == Some(&meta) {
             // Same sender, same path, same size: keep what is there and re-hash it.
             let len = file.metadata().map_err(io)?.len().min(size);
             have = hash_prefix(&mut file, len, &mut hasher, &mut self.buf).map_err(io)?;
+            if have > 0 {
+                prefix_hash = Some(*hasher.finalize().as_bytes());
+            }
         }
         file.set_len(have).map_err(io)?;
         file.seek(SeekFrom::Start(have)).map_err(io)?;
@@ -363,6 +392,7 @@ impl FileReceiver {
         let mut out = OutBuf::new();
         out.push(&encode_reply(&Reply::Accept {
             resume_offset: have,
+            prefix_hash,
         }));
         Ok(Incoming {
             conn,
@@ -416,7 +446,10 @@ impl FileReceiver {
                     .copied()
                     .collect();
                 for k in keys {
-                    if let Some(s) = self.streams.remove(&k) {
+                    // A stream already replying has its verdict reported.
+                    if let Some(s) = self.streams.remove(&k)
+                        && matches!(s.phase, Phase::Receiving)
+                    {
                         self.fail_kept(s, Reason::new(REASON_IO, "connection lost"));
                     }
                 }
@@ -484,7 +517,10 @@ impl FileReceiver {
             Step::Abort(reason) => {
                 let _ = transport.stop(conn, stream, CODE_ABORTED);
                 let _ = transport.reset(conn, stream, CODE_ABORTED);
-                self.fail_kept(s, reason);
+                // Once replying, the verdict was already reported.
+                if matches!(s.phase, Phase::Receiving) {
+                    self.fail_kept(s, reason);
+                }
             }
         }
     }

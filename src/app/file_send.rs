@@ -162,6 +162,8 @@ enum Phase {
 
 struct Outgoing {
     index: usize,
+    /// Asked the receiver not to resume (a retry after a partial that did not match).
+    fresh: bool,
     stream: StreamId,
     phase: Phase,
     out: OutBuf,
@@ -184,6 +186,8 @@ enum Step {
     Continue,
     Verified,
     Failed(String),
+    /// The receiver's partial is not a prefix of our file: send again from byte 0.
+    Restart,
 }
 
 /// Sends a planned set of files over one connection.
@@ -193,6 +197,8 @@ pub struct FileSender {
     skipped: Vec<Skipped>,
     conn: Option<ConnectionHandle>,
     next: usize,
+    /// Files (indices) to send again without resuming.
+    restart: VecDeque<usize>,
     active: Vec<Outgoing>,
     /// Spare chunk buffers, reused across files.
     spare: VecDeque<Vec<u8>>,
@@ -258,6 +264,7 @@ impl FileSender {
             skipped,
             conn: None,
             next: 0,
+            restart: VecDeque::new(),
             active: Vec::new(),
             spare: VecDeque::new(),
             started: None,
@@ -321,6 +328,13 @@ impl FileSender {
                 for o in std::mem::take(&mut self.active) {
                     self.finish_file(o, Step::Failed(why.clone()));
                 }
+                for index in std::mem::take(&mut self.restart) {
+                    self.failures.push(FileFailure {
+                        name: self.files[index].name.clone(),
+                        reason: why.clone(),
+                    });
+                    self.bytes_finished += self.files[index].size;
+                }
                 while self.next < self.files.len() {
                     self.failures.push(FileFailure {
                         name: self.files[self.next].name.clone(),
@@ -351,8 +365,21 @@ impl FileSender {
                 i += 1;
             }
         }
-        while self.active.len() < self.config.parallel.max(1) && self.next < self.files.len() {
-            let planned = self.files[self.next].clone();
+        while self.active.len() < self.config.parallel.max(1) {
+            // Files restarting from byte 0 first, then the plan.
+            let (index, fresh) = match self.restart.front() {
+                Some(&i) => (i, true),
+                None if self.next < self.files.len() => (self.next, false),
+                None => break,
+            };
+            let advance = |me: &mut Self| {
+                if fresh {
+                    me.restart.pop_front();
+                } else {
+                    me.next += 1;
+                }
+            };
+            let planned = self.files[index].clone();
             let file = match File::open(&planned.source).and_then(|f| {
                 let m = f.metadata()?;
                 Ok((f, m.len(), executable(&m)))
@@ -364,7 +391,7 @@ impl FileSender {
                         reason: format!("{}: {e}", planned.source.display()),
                     });
                     self.bytes_finished += planned.size;
-                    self.next += 1;
+                    advance(self);
                     continue;
                 }
             };
@@ -376,17 +403,19 @@ impl FileSender {
             let (file, size, executable) = file;
             if size != planned.size {
                 // Keep the plan's totals honest for the progress bar.
-                self.files[self.next].size = size;
+                self.files[index].size = size;
             }
             let mut out = OutBuf::new();
             out.push(&encode_request(&Request::File {
                 path: planned.name.clone(),
                 size,
                 executable,
+                resume: !fresh,
             }));
-            tracing::debug!(name = %planned.name, size, "sending file");
+            tracing::debug!(name = %planned.name, size, fresh, "sending file");
             self.active.push(Outgoing {
-                index: self.next,
+                index,
+                fresh,
                 stream,
                 phase: Phase::AwaitAccept,
                 out,
@@ -401,7 +430,7 @@ impl FileSender {
                 resumed: 0,
                 sent: 0,
             });
-            self.next += 1;
+            advance(self);
             let i = self.active.len() - 1;
             self.pump(transport, i);
         }
@@ -418,7 +447,10 @@ impl FileSender {
 
     /// Whether every file has a verdict.
     pub fn is_done(&self) -> bool {
-        self.conn.is_some() && self.active.is_empty() && self.next >= self.files.len()
+        self.conn.is_some()
+            && self.active.is_empty()
+            && self.restart.is_empty()
+            && self.next >= self.files.len()
     }
 
     /// Progress for a progress bar.
@@ -467,6 +499,15 @@ impl FileSender {
         let step = step(transport, conn, &mut self.active[i], corrupt);
         match step {
             Step::Continue => {}
+            Step::Restart => {
+                let mut o = self.active.swap_remove(i);
+                let _ = transport.reset(conn, o.stream, CODE_ABORTED);
+                let _ = transport.stop(conn, o.stream, CODE_DONE);
+                tracing::debug!(name = %self.files[o.index].name, "receiver's partial differs; restarting from 0");
+                self.bytes_sent += o.sent;
+                self.restart.push_back(o.index);
+                self.spare.push_back(std::mem::take(&mut o.buf));
+            }
             done => {
                 let o = self.active.swap_remove(i);
                 if let Step::Failed(_) = &done {
@@ -492,7 +533,7 @@ impl FileSender {
                 tracing::debug!(%name, %reason, "file failed");
                 self.failures.push(FileFailure { name, reason });
             }
-            Step::Continue => {}
+            Step::Continue | Step::Restart => {}
         }
         self.spare.push_back(std::mem::take(&mut o.buf));
     }
@@ -530,8 +571,14 @@ fn step(
                     Err(e) => return Step::Failed(format!("receiver: {e}")),
                 };
                 match (&o.phase, reply) {
-                    (Phase::AwaitAccept, Reply::Accept { resume_offset }) => {
-                        if resume_offset > o.size {
+                    (
+                        Phase::AwaitAccept,
+                        Reply::Accept {
+                            resume_offset,
+                            prefix_hash,
+                        },
+                    ) => {
+                        if resume_offset > o.size || (o.fresh && resume_offset > 0) {
                             return Step::Failed(format!(
                                 "receiver asked to resume at {resume_offset} of {} bytes",
                                 o.size
@@ -539,6 +586,12 @@ fn step(
                         }
                         if let Err(e) = hash_prefix(o, resume_offset) {
                             return Step::Failed(format!("reading for resume: {e}"));
+                        }
+                        if resume_offset > 0 && prefix_hash != Some(*o.hasher.finalize().as_bytes())
+                        {
+                            // Its partial copy is not the start of this file (the file
+                            // changed since the interrupted send).
+                            return Step::Restart;
                         }
                         o.resumed = resume_offset;
                         o.phase = Phase::Data;

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::bench::{BenchReport, BenchServer};
-use super::file_recv::{FileReceiver, FileReceiverConfig, FileReport, IncomingProgress};
+use super::file_recv::{
+    FileReceiver, FileReceiverConfig, FileReport, FileRequest, IncomingProgress,
+};
 use super::pipe::{Pipe, PipeError, PipeStats};
 use super::protocol::{
     CODE_REJECTED, FramePoll, FrameReader, REASON_BUSY, REASON_NOT_ACCEPTING, REASON_PROTOCOL,
@@ -275,9 +277,16 @@ impl Listener {
                 path,
                 size,
                 executable,
+                resume,
             } => match &mut self.files {
                 Some(files) => {
-                    files.start(transport, conn, stream, peer, path, size, executable);
+                    let request = FileRequest {
+                        path,
+                        size,
+                        executable,
+                        resume,
+                    };
+                    files.start(transport, conn, stream, peer, request);
                     self.collect();
                 }
                 None => self.refuse(

@@ -112,7 +112,10 @@ impl Pipe {
         let mut p = Pipe::with(
             conn,
             Some(stream),
-            encode_reply(&Reply::Accept { resume_offset: 0 }),
+            encode_reply(&Reply::Accept {
+                resume_offset: 0,
+                prefix_hash: None,
+            }),
             false,
         );
         p.pump(transport);

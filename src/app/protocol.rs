@@ -62,6 +62,9 @@ pub enum Request {
         /// Whether the file is executable (the receiver sets mode 0o755 instead of its
         /// default).
         executable: bool,
+        /// Whether the receiver may resume from a partial copy. `false` after the sender
+        /// found the receiver's partial differs from its file: start from byte 0.
+        resume: bool,
     },
     /// Connect the opener's stdin/stdout to the acceptor's.
     Pipe,
@@ -151,6 +154,9 @@ pub enum Reply {
     Accept {
         /// Bytes the receiver already has.
         resume_offset: u64,
+        /// BLAKE3 of those bytes (when `resume_offset > 0`), so the sender can check they
+        /// are a prefix of its file before sending the rest.
+        prefix_hash: Option<[u8; 32]>,
     },
     /// Refused; the stream ends.
     Reject(Reason),
@@ -452,9 +458,13 @@ mod tests {
                 path: "a/b".into(),
                 size: 300,
                 executable: true,
+                resume: false,
             }),
-            // len 10: version, variant 0, path len 3 + "a/b", size 300 as varint (251 u16 LE), exec.
-            [0, 0, 0, 10, 1, 0, 3, b'a', b'/', b'b', 251, 0x2c, 0x01, 1]
+            // len 11: version, variant 0, path len 3 + "a/b", size 300 as varint (251 u16
+            // LE), executable, resume.
+            [
+                0, 0, 0, 11, 1, 0, 3, b'a', b'/', b'b', 251, 0x2c, 0x01, 1, 0
+            ]
         );
         assert_eq!(
             encode_request(&Request::Bench {
@@ -476,8 +486,11 @@ mod tests {
     #[test]
     fn fixed_bytes_replies() {
         assert_eq!(
-            encode_reply(&Reply::Accept { resume_offset: 7 }),
-            [0, 0, 0, 3, 1, 0, 7]
+            encode_reply(&Reply::Accept {
+                resume_offset: 7,
+                prefix_hash: None
+            }),
+            [0, 0, 0, 4, 1, 0, 7, 0]
         );
         assert_eq!(
             encode_reply(&Reply::Reject(Reason::new(REASON_EXISTS, "x"))),
@@ -512,6 +525,7 @@ mod tests {
                 path: "dir/ünï/x".into(),
                 size: u64::MAX,
                 executable: false,
+                resume: true,
             },
             Request::Bench {
                 seconds: 3,
@@ -521,8 +535,15 @@ mod tests {
             let frame = encode_request(&req);
             assert_eq!(decode_request(&frame[4..]).unwrap(), req);
         }
-        let reply = Reply::Failed(Reason::new(REASON_IO, "disk full"));
-        assert_eq!(decode_reply(&encode_reply(&reply)[4..]).unwrap(), reply);
+        for reply in [
+            Reply::Failed(Reason::new(REASON_IO, "disk full")),
+            Reply::Accept {
+                resume_offset: 9,
+                prefix_hash: Some([7; 32]),
+            },
+        ] {
+            assert_eq!(decode_reply(&encode_reply(&reply)[4..]).unwrap(), reply);
+        }
     }
 
     #[test]
@@ -544,6 +565,7 @@ mod tests {
             path: "a".repeat(MAX_PATH_LEN + 1),
             size: 0,
             executable: false,
+            resume: true,
         };
         assert!(decode_request(&encode_request(&long)[4..]).is_err());
         let long = Reply::Failed(Reason {
@@ -572,7 +594,7 @@ mod tests {
 
         #[test]
         fn file_requests_round_trip(path in "[a-z/]{0,40}", size in any::<u64>(), executable in any::<bool>()) {
-            let req = Request::File { path, size, executable };
+            let req = Request::File { path, size, executable, resume: !executable };
             prop_assert_eq!(decode_request(&encode_request(&req)[4..]).unwrap(), req);
         }
     }

@@ -344,6 +344,7 @@ fn traversal_names_are_rejected_with_a_reason() {
                 path: path.into(),
                 size: 3,
                 executable: false,
+                resume: true,
             },
         );
         match reply {
@@ -539,6 +540,79 @@ fn resume_continues_from_the_partial() {
         _ => None,
     });
     assert_eq!(resumed, Some(held));
+}
+
+#[test]
+fn resume_restarts_when_the_file_changed() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("big.bin");
+    fs::write(&f, pattern(2 << 20, 16)).unwrap();
+    let mut net = Net::new(16, Duration::from_millis(2));
+    let (s, _) = interrupted_send(&mut net, &f, out.path(), 1 << 20);
+    assert!(!s.summary().is_success());
+    net.run(100_000, &mut Idle, &mut Idle, |net, _, _| {
+        net.nodes[0].connection_count() == 0 && net.nodes[1].connection_count() == 0
+    });
+    // Same name, same size, other bytes: the receiver's partial is not a prefix of it.
+    let data = pattern(2 << 20, 17);
+    fs::write(&f, &data).unwrap();
+    let (s, mut l) = send_all(&mut net, std::slice::from_ref(&f), out.path(), false);
+    let summary = s.summary();
+    assert!(summary.is_success(), "{:?}", summary.failures);
+    assert!(fs::read(out.path().join("big.bin")).unwrap() == data);
+    // All of it went over the wire on the fresh attempt.
+    assert!(summary.bytes_sent >= data.len() as u64);
+    let resumed = reports(&mut l).into_iter().find_map(|r| match r {
+        ListenReport::File(FileReport::Received { resumed_from, .. }) => Some(resumed_from),
+        _ => None,
+    });
+    assert_eq!(resumed, Some(0));
+}
+
+#[test]
+fn a_rerun_supersedes_a_stream_the_receiver_still_holds() {
+    // The sender vanishes without its close reaching the receiver, which still holds the
+    // old connection and stream when the re-run arrives: the new request takes over and
+    // resumes instead of being refused as busy.
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("big.bin");
+    let data = pattern(3 << 20, 18);
+    fs::write(&f, &data).unwrap();
+    let mut net = Net::new(18, Duration::from_millis(2));
+    let (ca, _) = net.connect();
+    let mut s = sender(std::slice::from_ref(&f));
+    let mut l = listener(out.path(), false);
+    s.start(net.now, &mut net.nodes[0], ca);
+    net.run(500_000, &mut s, &mut l, |_, _, _| {
+        partial_files(out.path())
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "part"))
+            .any(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= 1 << 20)
+    });
+    net.up = false;
+    net.nodes[0].close(net.now, ca, 0, b"crash").unwrap();
+    net.run(100_000, &mut s, &mut l, |net, _, _| {
+        net.nodes[0].connection_count() == 0
+    });
+    net.up = true;
+    net.queue.clear();
+    assert_eq!(
+        net.nodes[1].connection_count(),
+        1,
+        "receiver still holds the old one"
+    );
+    assert_eq!(l.incoming().len(), 1);
+
+    let (ca, _) = net.connect();
+    let mut s = sender(std::slice::from_ref(&f));
+    s.start(net.now, &mut net.nodes[0], ca);
+    net.run(500_000, &mut s, &mut l, |_, s, _| s.is_done());
+    let summary = s.summary();
+    assert!(summary.is_success(), "{:?}", summary.failures);
+    assert!(summary.bytes_sent < data.len() as u64);
+    assert!(fs::read(out.path().join("big.bin")).unwrap() == data);
 }
 
 #[test]
@@ -745,7 +819,10 @@ fn bench_datagrams_count_loss_both_ways() {
     for (seed, reverse) in [(14, false), (15, true)] {
         let s = bench(seed, reverse, 1, Some(1_000_000));
         let d = s.datagrams.unwrap();
-        eprintln!("reverse={reverse}: {d:?}, {} bytes, {:?}", s.bytes, s.elapsed);
+        eprintln!(
+            "reverse={reverse}: {d:?}, {} bytes, {:?}",
+            s.bytes, s.elapsed
+        );
         assert!(d.received > 0, "{d:?}");
         assert_eq!(d.received + d.lost, d.sent, "{d:?}");
         // One second at 1 MB/s of ~1.2 kB datagrams.
