@@ -18,9 +18,20 @@
 //!    fail forever) and the sender gets [`Reply::Failed`].
 //! 5. On disconnect or reset the partial stays as it is, never under the final name.
 //!
-//! **Resume**: a request for a path with a partial from the same peer and the same size
-//! re-hashes the partial's bytes and replies `Accept { resume_offset: partial length }`; the
-//! sender continues from there and the final hash still covers the whole file.
+//! **Resume**: a request (with `resume: true`) for a path with a partial from the same peer
+//! and the same size re-hashes the partial's bytes and replies
+//! `Accept { resume_offset: partial length, prefix_hash }`; the sender hashes its own first
+//! `resume_offset` bytes, and continues from there if they match (the final hash still
+//! covers the whole file), or asks again with `resume: false` if they do not (its file
+//! changed since the interrupted attempt), which truncates the partial.
+//!
+//! A new request from the same peer for the same path **supersedes** an older stream still
+//! in flight (aborted without a report): a sender that crashed and re-ran reaches us before
+//! the old connection's idle timeout, and must resume rather than be refused as busy.
+//!
+//! Known limit: the parent-directory checks and the final link/rename are path-based, so a
+//! *local* user with write access to DIR racing us between check and rename could still
+//! swap a directory for a symlink; a remote peer cannot (it only names paths).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

@@ -37,6 +37,25 @@
 //!
 //! A process-level `send` is finished when [`FileSender::is_done`]; then close the
 //! connection and keep draining transmits briefly so the close reaches the peer.
+//!
+//! # Per command (sketch)
+//!
+//! ```text
+//! send:   let (files, skipped) = FileSender::plan(&args)?;     // before connecting
+//!         let mut m = FileSender::new(FileSenderConfig::default(), files, skipped);
+//!         on Connected{conn}: m.start(now, &mut t, conn)
+//!         bar: m.progress()  (bytes_done / bytes_total, current files)
+//!         exit: m.summary(); non-zero unless summary.is_success()
+//! listen: let mut m = Listener::new(ListenConfig { out_dir, overwrite, pipe, bench: true });
+//!         on Connected{peer}: refuse (t.close) peers not in --allow, else nothing to do
+//!         m.poll_report() -> ListenReport::{File(FileReport::Received{..}), Refused, ...}
+//!         --pipe: m.pipe_mut() once Some: stdin -> push_input / input_eof,
+//!                 poll_output -> stdout; exit when m.is_done()
+//! pipe:   on Connected{conn}: let mut m = Pipe::open(&mut t, conn); same stdin/stdout
+//!         handling; exit with m.outcome()
+//! bench:  on Connected{conn}: BenchClient::new(BenchConfig { seconds, reverse, streams,
+//!         datagram_rate }, conn); print m.samples() as they grow, m.summary() at the end
+//! ```
 
 pub mod bench;
 pub mod file_recv;

@@ -15,7 +15,9 @@
 //! optional"). What follows the frames depends on the request:
 //!
 //! - [`Request::File`]: the acceptor replies [`Reply::Accept`] (or [`Reply::Reject`] and
-//!   ends the stream); the opener sends the file bytes from `resume_offset` to `size`, then
+//!   ends the stream); the opener checks `prefix_hash` against its own first
+//!   `resume_offset` bytes (on a mismatch it resets the stream and asks again with
+//!   `resume: false`), sends the file bytes from `resume_offset` to `size`, then
 //!   the 32-byte BLAKE3 hash of the whole file as a trailer, then FIN; the acceptor answers
 //!   [`Reply::Verified`] or [`Reply::Failed`] and FINs.
 //! - [`Request::Pipe`]: the acceptor replies [`Reply::Accept`]; then both directions carry
@@ -23,6 +25,9 @@
 //! - [`Request::Bench`]: the acceptor replies [`Reply::Accept`]; the sending side writes
 //!   filler bytes for `seconds` then FINs; when the acceptor was the receiver it answers
 //!   with [`Reply::BenchResult`].
+//! - [`Request::BenchDatagrams`]: as `Bench`, but the data travels in QUIC datagrams
+//!   (`[sequence: u64 BE][filler]`) and the receiving acceptor answers
+//!   [`Reply::DatagramResult`].
 //!
 //! Enums are append-only: a new variant goes at the end, so an older peer fails to decode
 //! it (and rejects the stream) rather than misreading it.
