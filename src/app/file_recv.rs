@@ -526,11 +526,20 @@ impl FileReceiver {
             }
             Step::Done => {}
             Step::Abort(reason) => {
-                let _ = transport.stop(conn, stream, CODE_ABORTED);
-                let _ = transport.reset(conn, stream, CODE_ABORTED);
-                // Once replying, the verdict was already reported.
+                // Once replying, the verdict was already reported and sent.
                 if matches!(s.phase, Phase::Receiving) {
+                    // Tell the sender why, then end the stream.
+                    self.rejecting.close_with(
+                        transport,
+                        conn,
+                        stream,
+                        CODE_ABORTED,
+                        Reply::Failed(reason.clone()),
+                    );
                     self.fail_kept(s, reason);
+                } else {
+                    let _ = transport.stop(conn, stream, CODE_ABORTED);
+                    let _ = transport.reset(conn, stream, CODE_ABORTED);
                 }
             }
         }

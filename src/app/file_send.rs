@@ -180,6 +180,8 @@ struct Outgoing {
     resumed: u64,
     /// Bytes handed to the transport.
     sent: u64,
+    /// Why writing stopped, if it did (reported if no verdict follows).
+    write_error: Option<String>,
 }
 
 enum Step {
@@ -429,6 +431,7 @@ impl FileSender {
                 buf_len: 0,
                 resumed: 0,
                 sent: 0,
+                write_error: None,
             });
             advance(self);
             let i = self.active.len() - 1;
@@ -547,14 +550,23 @@ fn step(
 ) -> Step {
     let stream = o.stream;
     loop {
-        match o.out.flush(transport, conn, stream) {
+        // After a failed write, only the receiver's last frame matters.
+        let flushed = if o.write_error.is_some() {
+            Ok(true)
+        } else {
+            o.out.flush(transport, conn, stream)
+        };
+        match flushed {
             Ok(true) => {}
             Ok(false) => {
                 if !matches!(o.phase, Phase::AwaitAccept) {
                     return Step::Continue;
                 }
             }
-            Err(e) => return read_verdict_after(transport, conn, o, e.to_string()),
+            Err(e) => {
+                wait_verdict(o, e.to_string());
+                continue;
+            }
         }
         match o.phase {
             Phase::AwaitAccept | Phase::AwaitVerdict => {
@@ -562,9 +574,17 @@ fn step(
                     Ok(FramePoll::Frame(f)) => f,
                     Ok(FramePoll::Pending) => return Step::Continue,
                     Ok(FramePoll::Eof) => {
-                        return Step::Failed("receiver closed the stream without a verdict".into());
+                        return Step::Failed(match o.write_error.take() {
+                            Some(e) => format!("stream: {e}"),
+                            None => "receiver closed the stream without a verdict".into(),
+                        });
                     }
-                    Err(e) => return Step::Failed(format!("receiver: {e}")),
+                    Err(e) => {
+                        return Step::Failed(match o.write_error.take() {
+                            Some(w) => format!("stream: {w}"),
+                            None => format!("receiver: {e}"),
+                        });
+                    }
                 };
                 let reply = match decode_reply(&frame) {
                     Ok(r) => r,
@@ -636,12 +656,16 @@ fn step(
                         o.buf_pos += n;
                         o.sent += n as u64;
                     }
-                    Err(e) => return read_verdict_after(transport, conn, o, e.to_string()),
+                    Err(e) => {
+                        wait_verdict(o, e.to_string());
+                        continue;
+                    }
                 }
             }
             Phase::Trailer => {
                 if let Err(e) = transport.finish(conn, stream) {
-                    return read_verdict_after(transport, conn, o, e.to_string());
+                    wait_verdict(o, e.to_string());
+                    continue;
                 }
                 o.phase = Phase::AwaitVerdict;
             }
@@ -649,19 +673,12 @@ fn step(
     }
 }
 
-/// A write failed (the receiver stopped the stream): its reply, if it sent one, says why.
-fn read_verdict_after(
-    transport: &mut Transport,
-    conn: ConnectionHandle,
-    o: &mut Outgoing,
-    error: String,
-) -> Step {
-    if let Ok(FramePoll::Frame(f)) = o.reply.poll(transport, conn, o.stream)
-        && let Ok(Reply::Reject(r) | Reply::Failed(r)) = decode_reply(&f)
-    {
-        return Step::Failed(r.to_string());
-    }
-    Step::Failed(format!("stream: {error}"))
+/// A write failed (the receiver stopped the stream): its last frame, which follows, says
+/// why, so wait for it rather than report the bare stream error.
+fn wait_verdict(o: &mut Outgoing, error: String) {
+    tracing::debug!(%error, "write failed; waiting for the receiver's reason");
+    o.write_error = Some(error);
+    o.phase = Phase::AwaitVerdict;
 }
 
 fn hash_prefix(o: &mut Outgoing, len: u64) -> std::io::Result<()> {

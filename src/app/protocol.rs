@@ -386,8 +386,8 @@ impl OutBuf {
     }
 }
 
-/// Streams being refused: each gets its [`Reply::Reject`] frame, then FIN. Reading was
-/// already stopped with [`CODE_REJECTED`].
+/// Streams being ended by us: each gets its last frame ([`Reply::Reject`] or
+/// [`Reply::Failed`]), then FIN. Reading was already stopped.
 #[derive(Debug, Default)]
 pub struct RejectQueue {
     pending: std::collections::HashMap<(ConnectionHandle, StreamId), OutBuf>,
@@ -402,9 +402,27 @@ impl RejectQueue {
         stream: StreamId,
         reason: Reason,
     ) {
-        let _ = transport.stop(conn, stream, CODE_REJECTED);
+        self.close_with(
+            transport,
+            conn,
+            stream,
+            CODE_REJECTED,
+            Reply::Reject(reason),
+        );
+    }
+
+    /// Stops reading `stream` with `stop_code` and queues `reply` as its last frame.
+    pub fn close_with(
+        &mut self,
+        transport: &mut Transport,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        stop_code: u32,
+        reply: Reply,
+    ) {
+        let _ = transport.stop(conn, stream, stop_code);
         let mut out = OutBuf::new();
-        out.push(&encode_reply(&Reply::Reject(reason)));
+        out.push(&encode_reply(&reply));
         self.pending.insert((conn, stream), out);
         self.flush(transport, conn, stream);
     }

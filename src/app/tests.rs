@@ -378,6 +378,44 @@ fn traversal_names_are_rejected_with_a_reason() {
 }
 
 #[test]
+fn a_truncated_stream_gets_a_failed_reply_and_no_file() {
+    let out = tempfile::tempdir().unwrap();
+    let mut net = Net::new(19, Duration::from_millis(1));
+    let (ca, _) = net.connect();
+    let mut l = listener(out.path(), false);
+    let s = net.nodes[0].open_stream(ca, Dir::Bi).unwrap().unwrap();
+    let mut bytes = encode_request(&Request::File {
+        path: "short".into(),
+        size: 100,
+        executable: false,
+        resume: true,
+    });
+    bytes.extend_from_slice(b"only ten b");
+    net.nodes[0].write(ca, s, &bytes).unwrap();
+    net.nodes[0].finish(ca, s).unwrap();
+    let mut reader = FrameReader::new();
+    let mut replies = Vec::new();
+    net.run(10_000, &mut Idle, &mut l, |net, _, _| {
+        while let Ok(FramePoll::Frame(f)) = reader.poll(&mut net.nodes[0], ca, s) {
+            replies.push(decode_reply(&f).unwrap());
+        }
+        replies.len() == 2
+    });
+    assert!(matches!(
+        replies[0],
+        Reply::Accept {
+            resume_offset: 0,
+            ..
+        }
+    ));
+    match &replies[1] {
+        Reply::Failed(r) => assert_eq!(r.code, REASON_PROTOCOL, "{r}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!out.path().join("short").exists());
+}
+
+#[test]
 fn sender_reports_a_symlinked_directory_inside_out_dir() {
     // The sender's tree has a real directory "link"; the receiver's DIR has a symlink of
     // that name pointing outside: the file must not land outside.
