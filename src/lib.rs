@@ -13,6 +13,7 @@ pub mod app;
 pub mod driver;
 pub mod identity;
 pub mod node;
+pub mod plane;
 pub mod relay;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

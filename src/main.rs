@@ -1,4 +1,9 @@
-fn main() {
-    eprintln!("burrow: the node front end is being built; see the README");
-    std::process::exit(2);
+//! `burrow`: the command-line front end of a burrow node.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::main()
 }

@@ -878,7 +878,7 @@ proptest! {
         prop_assert!(stun::looks_like_stun(pkt, false));
         prop_assert_eq!(stun::transaction_id(pkt), Some(txid));
         let req = stun::parse_binding_request(pkt).unwrap();
-        prop_assert_eq!(req, BindingRequest { txid, modern: true, change, unknown_required: vec![] });
+        prop_assert_eq!(req, BindingRequest { txid, modern: true, change, unknown_required: vec![], response_port: None });
         // A request is not a response.
         prop_assert!(stun::parse_binding_response(pkt).is_err());
     }
@@ -924,7 +924,7 @@ proptest! {
 
     #[test]
     fn stun_error_round_trips(txid in any::<[u8; 12]>(), code in 300u16..700, unknown in vec(any::<u16>(), 0..4)) {
-        let req = BindingRequest { txid, modern: true, change: None, unknown_required: vec![] };
+        let req = BindingRequest { txid, modern: true, change: None, unknown_required: vec![], response_port: None };
         let mut out = [0u8; stun::MAX_BINDING_LEN];
         let m = stun::binding_error(&req, code, "Some Reason", &unknown, &mut out).unwrap();
         match stun::parse_binding_response(&out[..m]) {

@@ -33,6 +33,7 @@ const UDP_BASE: usize = 16;
 const TCP_FLAG: usize = 1 << 62;
 const HTTP_FLAG: usize = 1 << 61;
 const KEY_MASK: usize = 0xFFFF_FFFF;
+const GENERATION_MASK: u32 = 0x0FFF_FFFF;
 
 /// Datagrams read from one UDP socket per turn before others get a go.
 const UDP_BUDGET: usize = 512;
@@ -313,7 +314,11 @@ impl Driver {
                 Ok((mut stream, remote)) => {
                     let _ = stream.set_nodelay(true);
                     let generation = self.next_generation;
-                    self.next_generation = self.next_generation.wrapping_add(1).max(1);
+                    // 28 bits: generation << 32 must stay clear of the TCP/HTTP flag bits.
+                    self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+                    if self.next_generation == 0 {
+                        self.next_generation = 1;
+                    }
                     let entry = self.conns.vacant_entry();
                     let id = conn_id(entry.key(), generation);
                     if entry.key() > KEY_MASK

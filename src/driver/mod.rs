@@ -4,4 +4,5 @@
 //! mio `Poll`, the sockets, and `Instant::now()`, feeds the cores their inputs and carries
 //! out their outputs.
 
+pub mod node;
 pub mod udp;

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use stun_rs::attributes::discovery::{
-    ChangeRequest, ChangeRequestFlags, OtherAddress, ResponseOrigin,
+    ChangeRequest, ChangeRequestFlags, OtherAddress, ResponseOrigin, ResponsePort,
 };
 use stun_rs::attributes::stun::{
     ErrorCode, Fingerprint, MappedAddress, Software, UnknownAttributes, XorMappedAddress,
@@ -209,6 +209,10 @@ pub struct BindingRequest {
     /// Comprehension-required attributes this server does not understand. RFC 8489
     /// section 6.3.1.1: the server MUST answer such a request with error 420 listing them.
     pub unknown_required: Vec<u16>,
+    /// RFC 5780 RESPONSE-PORT: "the Binding Response MUST be transmitted to the source IP
+    /// address of the Binding Request and the port contained in" it (section 7.5). Used by
+    /// clients testing filtering behaviour from a second local socket.
+    pub response_port: Option<u16>,
 }
 
 /// Reads a Binding request. `None` for anything else, which the caller drops silently
@@ -231,6 +235,7 @@ pub fn parse_binding_request(packet: &[u8]) -> Option<BindingRequest> {
             modern: false,
             change: None,
             unknown_required: Vec::new(),
+            response_port: None,
         });
     }
     let msg = decode(packet).ok()?;
@@ -254,11 +259,16 @@ pub fn parse_binding_request(packet: &[u8]) -> Option<BindingRequest> {
             _ => None,
         })
         .collect();
+    let response_port = msg
+        .get::<ResponsePort>()
+        .and_then(|a| a.as_response_port().ok())
+        .map(|p| p.as_u16());
     Some(BindingRequest {
         txid: *msg.transaction_id().as_bytes(),
         modern: true,
         change,
         unknown_required,
+        response_port,
     })
 }
 
@@ -338,6 +348,7 @@ pub fn classic_binding_success_raw(
         modern: false,
         change: None,
         unknown_required: Vec::new(),
+        response_port: None,
     };
     let n = classic_binding_success(&req, mapped, out)?;
     out[4..8].copy_from_slice(&request_packet[4..8]);
@@ -454,6 +465,25 @@ mod tests {
         pkt.extend_from_slice(&[0x00, 0x42, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef]);
         let req = parse_binding_request(&pkt).unwrap();
         assert_eq!(req.unknown_required, vec![0x0042]);
+    }
+
+    #[test]
+    fn response_port_is_read() {
+        // coturn's turnutils_stunclient -f: RESPONSE-PORT 0x8931 and CHANGE-REQUEST ip+port.
+        let mut pkt = vec![0x00, 0x01, 0x00, 0x10, 0x21, 0x12, 0xA4, 0x42];
+        pkt.extend_from_slice(&TXID);
+        pkt.extend_from_slice(&[0x00, 0x27, 0x00, 0x04, 0x89, 0x31, 0, 0]);
+        pkt.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 6]);
+        let req = parse_binding_request(&pkt).unwrap();
+        assert_eq!(req.response_port, Some(0x8931));
+        assert_eq!(
+            req.change,
+            Some(Change {
+                ip: true,
+                port: true
+            })
+        );
+        assert!(req.unknown_required.is_empty());
     }
 
     #[test]

@@ -1,0 +1,140 @@
+//! clap front end: parses arguments, builds a node, runs one command on it.
+
+mod listen;
+mod netcheck;
+mod ping;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use burrow::driver::node::{DriverConfig, NodeDriver};
+use burrow::identity::Identity;
+use burrow::node::NodeConfig;
+use burrow::wire::PeerId;
+use clap::{Args, Parser, Subcommand};
+
+/// Peer-to-peer connections through NAT: direct when possible, relayed when not.
+#[derive(Parser, Debug)]
+#[command(name = "burrow", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print this node's peer ID (creating the identity key on first use).
+    Id {
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Discover the public address and NAT behaviour.
+    Netcheck(netcheck::NetcheckArgs),
+    /// Run a node that answers pings (and accepts connections), printing its peer ID first.
+    Listen(listen::ListenArgs),
+    /// Ping a peer, printing every pong with the path it took and its round-trip time.
+    Ping(ping::PingArgs),
+}
+
+/// Where the identity key lives.
+#[derive(Args, Debug, Clone)]
+pub struct IdentityArgs {
+    /// Identity key file (created 0600 on first use).
+    #[arg(long, env = "BURROW_IDENTITY")]
+    identity: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    fn load(&self) -> Result<Identity, String> {
+        let path = self.identity.clone().unwrap_or_else(Identity::default_path);
+        Identity::load_or_create(&path).map_err(|e| e.to_string())
+    }
+}
+
+/// Options every networked command shares.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The relay, as HOST:PORT.
+    #[arg(long, env = "BURROW_RELAY")]
+    relay: String,
+    /// Access token, if the relay requires one.
+    #[arg(long, env = "BURROW_TOKEN")]
+    token: Option<String>,
+    /// Local UDP address to bind (IPv4).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// Do not open an IPv6 socket.
+    #[arg(long)]
+    no_ipv6: bool,
+    /// Extra STUN server (HOST:PORT), repeatable.
+    #[arg(long = "stun")]
+    stun: Vec<String>,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {what} {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{what} {s:?} resolves to no address"))
+}
+
+impl NodeArgs {
+    fn build(&self) -> Result<NodeDriver, String> {
+        let identity = self.identity.load()?;
+        let relay = resolve("relay", &self.relay)?;
+        let mut cfg = NodeConfig::new(identity, relay);
+        cfg.token = self.token.clone();
+        for s in &self.stun {
+            cfg.stun_servers.push(resolve("STUN server", s)?);
+        }
+        let driver = DriverConfig {
+            udp4: self.bind,
+            udp6: (!self.no_ipv6).then(|| "[::]:0".parse().expect("valid literal")),
+        };
+        NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))
+    }
+}
+
+pub(crate) fn parse_peer(s: &str) -> Result<PeerId, String> {
+    s.parse::<PeerId>()
+        .map_err(|e| format!("bad peer ID {s:?}: {e}"))
+}
+
+pub(crate) fn fmt_rtt(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the command line; errors are printed as one clear line on stderr.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Id { identity } => identity.load().map(|id| {
+            println!("{}", id.peer_id());
+            ExitCode::SUCCESS
+        }),
+        Command::Netcheck(args) => netcheck::run(args),
+        Command::Listen(args) => listen::run(args),
+        Command::Ping(args) => ping::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("burrow: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The node's mio reactor: one thread, one `Poll`, the UDP sockets and the relay TCP
+//! connection, driving a [`NodeCore`] and an application on top of it ([`NodeApp`]).
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use tracing::{debug, trace, warn};
+
+use super::udp::{RecvBuffers, UdpEndpoint};
+use crate::node::{NodeConfig, NodeCore, NodeEvent, Transmit};
+
+/// What runs on top of the node core: a command (`ping`, `listen`, `send`...) as a sans-IO
+/// state machine of its own. The driver calls it with every event the core emits (except
+/// the driver's own relay-connection requests) and on its timeouts.
+pub trait NodeApp {
+    /// An event from the core. The app may call core methods (connect, ping, send).
+    fn on_event(&mut self, now: Instant, core: &mut NodeCore, event: NodeEvent);
+    /// Called once per loop turn after the inputs were handled; the app may act on its own
+    /// timers here.
+    fn on_tick(&mut self, now: Instant, core: &mut NodeCore);
+    /// When the app next wants `on_tick`.
+    fn poll_timeout(&mut self) -> Option<Instant>;
+    /// Whether the app has finished (the driver then returns).
+    fn is_done(&self) -> bool;
+}
+
+/// Tokens: fixed ones for the UDP sockets, then one per relay connection attempt (the
+/// generation in the token makes a late event for a closed connection harmless).
+const UDP4: Token = Token(0);
+const UDP6: Token = Token(1);
+const WAKE: Token = Token(2);
+const RELAY_BASE: usize = 16;
+
+/// Most datagrams read from one socket per loop turn, so the relay connection and timers
+/// are served even under a flood.
+const READ_BUDGET: usize = 256;
+
+/// How the driver binds its sockets.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The IPv4 UDP socket's address (port 0 picks one).
+    pub udp4: SocketAddr,
+    /// An IPv6 UDP socket's address, if wanted; failure to bind it is not fatal.
+    pub udp6: Option<SocketAddr>,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            udp4: "0.0.0.0:0".parse().expect("valid literal"),
+            udp6: Some("[::]:0".parse().expect("valid literal")),
+        }
+    }
+}
+
+struct RelayConn {
+    stream: TcpStream,
+    token: Token,
+    connected: bool,
+    writable_interest: bool,
+}
+
+/// The reactor. Create it with [`NodeDriver::new`], then [`NodeDriver::run`] an app.
+pub struct NodeDriver {
+    poll: Poll,
+    core: NodeCore,
+    udp4: UdpEndpoint,
+    udp6: Option<UdpEndpoint>,
+    relay: Option<RelayConn>,
+    relay_generation: usize,
+    bufs: RecvBuffers,
+    /// Transmits that met a full socket buffer; retried before new ones.
+    blocked: Option<Transmit>,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    waker: std::sync::Arc<mio::Waker>,
+    /// Sockets whose read budget ran out while still readable (edge-triggered readiness
+    /// will not report them again): read again next turn, polling with a zero timeout.
+    still_readable: Vec<Token>,
+}
+
+impl std::fmt::Debug for NodeDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeDriver")
+            .field("udp4", &self.udp4)
+            .field("udp6", &self.udp6)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unspecified bind addresses are useless as host candidates: list the machine's
+/// addresses instead (loopback included, so that two nodes on one host find each other).
+fn host_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let mut out = Vec::new();
+    for ip in interface_addresses(bound.is_ipv4()) {
+        out.push(SocketAddr::new(ip, bound.port()));
+    }
+    out
+}
+
+/// The machine's interface addresses of one family, via getifaddrs(3).
+fn interface_addresses(v4: bool) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free with freeifaddrs below; we only
+    // read sockaddr fields whose family we checked.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                let family = (*addr).sa_family as i32;
+                if v4 && family == libc::AF_INET {
+                    let sin = &*(addr as *const libc::sockaddr_in);
+                    out.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                        u32::from_be(sin.sin_addr.s_addr),
+                    )));
+                } else if !v4 && family == libc::AF_INET6 {
+                    let sin6 = &*(addr as *const libc::sockaddr_in6);
+                    let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    // Link-local addresses need a scope id a peer cannot use.
+                    if ip.segments()[0] & 0xffc0 != 0xfe80 {
+                        out.push(std::net::IpAddr::V6(ip));
+                    }
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
+impl NodeDriver {
+    /// Binds the sockets and builds the core (its host candidates are the bound sockets).
+    pub fn new(mut config: NodeConfig, driver: DriverConfig) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut udp4 = UdpEndpoint::bind(driver.udp4)?;
+        poll.registry()
+            .register(udp4.source(), UDP4, Interest::READABLE)?;
+        let mut udp6 = match driver.udp6.map(UdpEndpoint::bind) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                debug!("no IPv6 socket: {e}");
+                None
+            }
+            None => None,
+        };
+        if let Some(s) = udp6.as_mut() {
+            poll.registry()
+                .register(s.source(), UDP6, Interest::READABLE)?;
+        }
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        if config.local_addrs.is_empty() {
+            config.local_addrs = host_candidates(udp4.local_addr());
+            if let Some(s) = &udp6 {
+                config.local_addrs.extend(host_candidates(s.local_addr()));
+            }
+        }
+        if config.seed == 0 {
+            config.seed = rand::random();
+        }
+        let core = NodeCore::new(config, Instant::now());
+        Ok(NodeDriver {
+            poll,
+            core,
+            udp4,
+            udp6,
+            relay: None,
+            relay_generation: 0,
+            bufs: RecvBuffers::new(),
+            blocked: None,
+            stop: None,
+            waker,
+            still_readable: Vec::new(),
+        })
+    }
+
+    /// The core, for calls before [`NodeDriver::run`] (e.g. `connect`).
+    pub fn core(&mut self) -> &mut NodeCore {
+        &mut self.core
+    }
+
+    /// The IPv4 UDP socket's address.
+    pub fn udp4_addr(&self) -> SocketAddr {
+        self.udp4.local_addr()
+    }
+
+    /// A flag that makes [`NodeDriver::run`] return when set (and the waker to call after
+    /// setting it from another thread or a signal handler's helper thread).
+    pub fn stop_handle(
+        &mut self,
+    ) -> (
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::sync::Arc<mio::Waker>,
+    ) {
+        let flag = self
+            .stop
+            .get_or_insert_with(|| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)))
+            .clone();
+        (flag, self.waker.clone())
+    }
+
+    /// Runs until the app is done, the stop flag is set, or `deadline` passes.
+    pub fn run(&mut self, app: &mut dyn NodeApp, deadline: Option<Instant>) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let now = Instant::now();
+            if self.core.poll_timeout().is_some_and(|t| t <= now) {
+                self.core.handle_timeout(now);
+            }
+            app.on_tick(now, &mut self.core);
+            self.drain(now, app)?;
+            if app.is_done()
+                || deadline.is_some_and(|d| d <= now)
+                || self
+                    .stop
+                    .as_ref()
+                    .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Ok(());
+            }
+            let next = [self.core.poll_timeout(), app.poll_timeout(), deadline]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
+            // A blocked transmit waits for WRITABLE on its socket; poll at most 1 ms then.
+            let timeout = if !self.still_readable.is_empty() {
+                Some(Duration::ZERO)
+            } else if self.blocked.is_some() {
+                Some(
+                    timeout
+                        .unwrap_or(Duration::from_millis(1))
+                        .min(Duration::from_millis(1)),
+                )
+            } else {
+                timeout
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            for token in std::mem::take(&mut self.still_readable) {
+                self.read_udp(now, token)?;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    UDP4 | UDP6 => self.read_udp(now, event.token())?,
+                    WAKE => {}
+                    t if self.relay.as_ref().is_some_and(|r| r.token == t) => {
+                        self.relay_ready(now, event.is_writable())
+                    }
+                    t => trace!(?t, "stale event"),
+                }
+            }
+        }
+    }
+
+    fn read_udp(&mut self, now: Instant, token: Token) -> io::Result<()> {
+        let socket = if token == UDP4 {
+            &self.udp4
+        } else {
+            match &self.udp6 {
+                Some(s) => s,
+                None => return Ok(()),
+            }
+        };
+        let local = socket.local_addr();
+        let core = &mut self.core;
+        let mut read = 0;
+        // Edge-triggered: drain until WouldBlock, within the budget.
+        while read < READ_BUDGET {
+            let n = match socket.recv_batch(&mut self.bufs, |from, data| {
+                core.handle_udp(now, local, from, data);
+            }) {
+                Ok(n) => n,
+                Err(e) => {
+                    // ICMP errors (port unreachable from a dead candidate) surface here on
+                    // Linux; they are not fatal to the socket.
+                    debug!("udp receive on {local}: {e}");
+                    break;
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            read += n;
+        }
+        // Budget spent: come back to this socket right after serving the others.
+        if !self.still_readable.contains(&token) {
+            self.still_readable.push(token);
+        }
+        Ok(())
+    }
+
+    fn relay_ready(&mut self, now: Instant, writable: bool) {
+        let Some(conn) = self.relay.as_mut() else {
+            return;
+        };
+        if !conn.connected {
+            if !writable {
+                return;
+            }
+            // A non-blocking connect finished: success if there is no socket error and the
+            // peer address is known.
+            match conn.stream.take_error() {
+                Ok(None) if conn.stream.peer_addr().is_ok() => {
+                    conn.connected = true;
+                    let _ = conn.stream.set_nodelay(true);
+                    self.core.handle_relay_connected(now);
+                }
+                Ok(None) => return, // spurious wake-up, still connecting
+                Ok(Some(e)) | Err(e) => {
+                    debug!("relay connect failed: {e}");
+                    self.close_relay(now, true);
+                    return;
+                }
+            }
+        }
+        // Read everything there is.
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let Some(conn) = self.relay.as_mut() else {
+                return;
+            };
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    debug!("relay closed the connection");
+                    self.close_relay(now, true);
+                    return;
+                }
+                Ok(n) => self.core.handle_relay_tcp_data(now, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("relay read: {e}");
+                    self.close_relay(now, true);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close_relay(&mut self, now: Instant, tell_core: bool) {
+        if let Some(mut conn) = self.relay.take() {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+        if tell_core {
+            self.core.handle_relay_closed(now);
+        }
+    }
+
+    fn open_relay(&mut self, now: Instant, addr: SocketAddr) {
+        self.close_relay(now, false);
+        self.relay_generation += 1;
+        let token = Token(RELAY_BASE + self.relay_generation);
+        match TcpStream::connect(addr) {
+            Ok(mut stream) => {
+                if let Err(e) = self.poll.registry().register(
+                    &mut stream,
+                    token,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    warn!("register relay connection: {e}");
+                    self.core.handle_relay_closed(now);
+                    return;
+                }
+                self.relay = Some(RelayConn {
+                    stream,
+                    token,
+                    connected: false,
+                    writable_interest: true,
+                });
+            }
+            Err(e) => {
+                debug!("relay connect to {addr}: {e}");
+                self.core.handle_relay_closed(now);
+            }
+        }
+    }
+
+    fn send_udp(&mut self, t: &Transmit) -> io::Result<bool> {
+        let socket = match t.source {
+            Some(src) if self.udp6.as_ref().is_some_and(|s| s.local_addr() == src) => {
+                self.udp6.as_ref()
+            }
+            Some(_) | None if t.destination.is_ipv6() => self.udp6.as_ref(),
+            _ => Some(&self.udp4),
+        };
+        let Some(socket) = socket else {
+            trace!(dest = %t.destination, "no socket for this address family");
+            return Ok(true);
+        };
+        match socket.send(t.destination, &t.contents, None) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => {
+                // Unreachable networks, EMSGSIZE, ICMP errors: the datagram is lost like any
+                // other UDP loss; the core's retries and the transport's recovery handle it.
+                debug!(dest = %t.destination, "udp send: {e}");
+                Ok(true)
+            }
+        }
+    }
+
+    fn drain(&mut self, now: Instant, app: &mut dyn NodeApp) -> io::Result<()> {
+        for _ in 0..1_000_000 {
+            let mut progressed = false;
+            if let Some(t) = self.blocked.take()
+                && !self.send_udp(&t)?
+            {
+                self.blocked = Some(t);
+            }
+            while self.blocked.is_none() {
+                let Some(t) = self.core.poll_transmit() else {
+                    break;
+                };
+                progressed = true;
+                if !self.send_udp(&t)? {
+                    self.blocked = Some(t);
+                }
+            }
+            self.flush_relay(now);
+            while let Some(ev) = self.core.poll_event() {
+                progressed = true;
+                match ev {
+                    NodeEvent::ConnectRelayTcp(addr) => self.open_relay(now, addr),
+                    NodeEvent::CloseRelayTcp => self.close_relay(now, false),
+                    other => app.on_event(now, &mut self.core, other),
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+        warn!("drain did not settle");
+        Ok(())
+    }
+
+    fn flush_relay(&mut self, now: Instant) {
+        let Some(conn) = self.relay.as_mut() else {
+            return;
+        };
+        if !conn.connected {
+            return;
+        }
+        loop {
+            let out = self.core.relay_tcp_outgoing();
+            if out.is_empty() {
+                break;
+            }
+            match conn.stream.write(out) {
+                Ok(0) => break,
+                Ok(n) => self.core.relay_tcp_written(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("relay write: {e}");
+                    self.close_relay(now, true);
+                    return;
+                }
+            }
+        }
+        // WRITABLE interest only while bytes wait.
+        let want = !self.core.relay_tcp_outgoing().is_empty();
+        let Some(conn) = self.relay.as_mut() else {
+            return;
+        };
+        if want != conn.writable_interest {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, conn.token, interest)
+                .is_ok()
+            {
+                conn.writable_interest = want;
+            }
+        }
+    }
+}

@@ -1,0 +1,625 @@
+//! Hole punching and the direct path to one peer.
+//!
+//! # Punching
+//! On an introduction both nodes send authenticated probes ([`crate::wire::punch`], keyed by
+//! the introduction's nonce) to every candidate of the other, at the same moment (both
+//! introductions leave the relay together). Sending first opens our NAT toward the peer, so
+//! the peer's probe that arrives a moment later passes our filter: simultaneous open.
+//! Starting at once matters beyond speed: on a bare Linux masquerade an unsolicited probe
+//! that arrives *before* our own first outbound packet creates a conntrack entry that makes
+//! our later mapping toward that peer pick another port (see DESIGN.md).
+//!
+//! * Pacing: the first round goes out back to back (up to 16 candidates), so that every
+//!   mapping toward the peer exists before the peer's first probe can arrive; later rounds
+//!   send one probe every [`PunchConfig::pace`] (ICE's Ta = 50 ms, RFC 8445 section 14.2).
+//! * Rounds: the candidate list is probed again after 200 ms, then doubling up to 1 s,
+//!   until [`PunchConfig::punch_duration`]. Loss of 20 % still lets one of ~13 rounds
+//!   through with near certainty.
+//! * Answer: every authenticated probe gets an `Ack` carrying the address it came from, on
+//!   the socket it arrived on. A probe from an address we did not know is a peer-reflexive
+//!   candidate (RFC 8445 section 7.3.1.3): we add it and send a triggered probe at once
+//!   (section 7.3.1.4); this is what lets an easy NAT reach a symmetric one.
+//! * Confirmation: an `Ack` to one of our probes is a full round trip, so that address
+//!   becomes the direct path. A later `Ack` from a better candidate kind (host/LAN over
+//!   reflexive) replaces it. Probes carry the sender's role; a node drops packets with its
+//!   own role, so reflected probes (hairpin, misrouted) never confirm a path.
+//! * Prediction: a peer reporting endpoint-dependent mapping with sequential port
+//!   allocation gets predicted candidates at the next few ports after its reflexive one.
+//! * Failure: after `punch_duration` without an ack, traffic stays relayed and punching
+//!   restarts after a backoff (10 s doubling to 2 min).
+//!
+//! # Keepalive and liveness
+//! The direct path carries a `Ping` every [`PunchConfig::keepalive`] (default 15 s) when
+//! idle: RFC 8445 section 11 says at most 15 s, and it keeps two refreshes inside the 30 s
+//! unreplied-UDP timeout of Linux conntrack and of many home routers. While data is flowing
+//! and nothing came back for [`PunchConfig::heartbeat`] (3 s, Tailscale's heartbeat), a
+//! ping is sent at once. An unanswered ping is retried every second; after
+//! [`PunchConfig::path_timeout`] (6.5 s, Tailscale's trust window) with no authenticated
+//! packet from the path, it is declared dead: traffic returns to the relay and punching
+//! restarts.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
+use rand_chacha::ChaCha20Rng;
+use tracing::{debug, trace};
+
+use super::Transmit;
+use super::peer::IntroKeys;
+use crate::wire::control::{
+    Candidate, CandidateKind, MappingBehavior, NatReport, PortAllocation, Role,
+};
+use crate::wire::punch::{self, PunchPacket, PunchType};
+
+/// Punching and keepalive parameters (see the module docs for the reasoning).
+#[derive(Debug, Clone)]
+pub struct PunchConfig {
+    /// Gap between two probes (ICE Ta).
+    pub pace: Duration,
+    /// How long one punching attempt lasts before falling back to the relay.
+    pub punch_duration: Duration,
+    /// Idle keepalive interval on the direct path; `None` disables keepalives (tests).
+    pub keepalive: Option<Duration>,
+    /// While sending, ping when nothing was received for this long.
+    pub heartbeat: Duration,
+    /// A direct path with an unanswered ping this long is dead.
+    pub path_timeout: Duration,
+    /// First retry delay after a failed attempt (doubles up to `retry_max`).
+    pub retry_min: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for PunchConfig {
+    fn default() -> Self {
+        PunchConfig {
+            pace: Duration::from_millis(50),
+            punch_duration: Duration::from_secs(10),
+            keepalive: Some(Duration::from_secs(15)),
+            heartbeat: Duration::from_secs(3),
+            path_timeout: Duration::from_millis(6500),
+            retry_min: Duration::from_secs(10),
+            retry_max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How a candidate was learned; the order is the preference for the direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum CandSource {
+    /// A probe arrived from it.
+    PeerReflexive,
+    /// Guessed from sequential allocation.
+    Predicted,
+    /// Seen by the relay / a STUN server.
+    Reflexive,
+    /// From the router (NAT-PMP, PCP, UPnP).
+    Mapped,
+    /// One of the peer's interface addresses (same LAN: best).
+    Host,
+}
+
+impl From<CandidateKind> for CandSource {
+    fn from(k: CandidateKind) -> Self {
+        match k {
+            CandidateKind::Host => CandSource::Host,
+            CandidateKind::ServerReflexive => CandSource::Reflexive,
+            CandidateKind::PortMapped => CandSource::Mapped,
+            CandidateKind::Predicted => CandSource::Predicted,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    addr: SocketAddr,
+    source: CandSource,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probing {
+    started: Instant,
+    next_send: Instant,
+    next_index: usize,
+    round: u32,
+    round_start: Instant,
+}
+
+/// A confirmed direct path.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Direct {
+    /// Our socket it was confirmed on (`None`: the driver's default socket).
+    pub local: Option<SocketAddr>,
+    /// The peer's address.
+    pub remote: SocketAddr,
+    source: CandSource,
+    last_rx: Instant,
+    next_keepalive: Option<Instant>,
+    ping_outstanding_since: Option<Instant>,
+    next_ping_retx: Option<Instant>,
+}
+
+/// What changed about the direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathUpdate {
+    /// A (new) direct path is confirmed.
+    Direct(SocketAddr),
+    /// The direct path died (or punching failed): traffic goes via the relay.
+    Lost,
+}
+
+/// Candidates probed back to back (unpaced) in the first round.
+const FIRST_ROUND_BURST: usize = 16;
+/// Most outstanding probe/ping transaction IDs remembered.
+const MAX_OUTSTANDING: usize = 128;
+/// Most candidates kept per peer.
+const MAX_CANDS: usize = 48;
+/// How many ports past the reflexive one are predicted for sequential allocators.
+const PREDICTED_PORTS: i32 = 8;
+
+/// Punching and direct-path state for one peer.
+#[derive(Debug, Default)]
+pub(crate) struct PunchState {
+    cands: Vec<Cand>,
+    probing: Option<Probing>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    direct: Option<Direct>,
+    outstanding: Vec<u64>,
+    /// When the current punching attempt started (for time-to-direct).
+    pub attempt_started: Option<Instant>,
+}
+
+fn send(
+    keys: &IntroKeys,
+    kind: PunchType,
+    txid: u64,
+    observed: Option<SocketAddr>,
+    source: Option<SocketAddr>,
+    destination: SocketAddr,
+    out: &mut Vec<Transmit>,
+) {
+    let pkt = PunchPacket {
+        kind,
+        from_responder: keys.role == Role::Responder,
+        tag: keys.tag,
+        txid,
+        observed,
+    };
+    let mut buf = vec![0; punch::PACKET_LEN];
+    if punch::encode(&keys.nonce, &pkt, &mut buf).is_ok() {
+        out.push(Transmit {
+            source,
+            destination,
+            contents: buf,
+        });
+    }
+}
+
+/// Encodes a punch packet for sending over any path (also used for relayed pings).
+pub(crate) fn encode_packet(
+    keys: &IntroKeys,
+    kind: PunchType,
+    txid: u64,
+    observed: Option<SocketAddr>,
+) -> Vec<u8> {
+    let pkt = PunchPacket {
+        kind,
+        from_responder: keys.role == Role::Responder,
+        tag: keys.tag,
+        txid,
+        observed,
+    };
+    let mut buf = vec![0; punch::PACKET_LEN];
+    let _ = punch::encode(&keys.nonce, &pkt, &mut buf);
+    buf
+}
+
+impl PunchState {
+    /// The confirmed direct path, if any.
+    pub fn direct(&self) -> Option<&Direct> {
+        self.direct.as_ref()
+    }
+
+    /// Whether an attempt is running.
+    #[cfg(test)]
+    pub fn is_probing(&self) -> bool {
+        self.probing.is_some()
+    }
+
+    /// Installs the peer's candidates from an introduction and starts punching (unless a
+    /// direct path already works).
+    pub fn start(
+        &mut self,
+        now: Instant,
+        cands: &[Candidate],
+        peer_nat: NatReport,
+        local_families: (bool, bool),
+    ) {
+        self.cands.clear();
+        for c in cands {
+            self.add_cand(c.addr, c.kind.into(), local_families);
+        }
+        if peer_nat.mapping == MappingBehavior::EndpointDependent
+            && let PortAllocation::Sequential(step) = peer_nat.allocation
+            && step != 0
+            && let Some(refl) = cands
+                .iter()
+                .find(|c| c.kind == CandidateKind::ServerReflexive)
+        {
+            for k in 1..=PREDICTED_PORTS {
+                let port = refl.addr.port() as i32 + step * k;
+                if (1..=65535).contains(&port) {
+                    let mut a = refl.addr;
+                    a.set_port(port as u16);
+                    self.add_cand(a, CandSource::Predicted, local_families);
+                }
+            }
+        }
+        self.backoff = Duration::ZERO;
+        if self.direct.is_none() {
+            self.begin(now);
+        }
+    }
+
+    fn add_cand(&mut self, addr: SocketAddr, source: CandSource, fam: (bool, bool)) -> bool {
+        let ok_family = if addr.is_ipv4() { fam.0 } else { fam.1 };
+        if !ok_family || addr.port() == 0 || addr.ip().is_unspecified() {
+            return false;
+        }
+        if self.cands.iter().any(|c| c.addr == addr) || self.cands.len() >= MAX_CANDS {
+            return false;
+        }
+        self.cands.push(Cand { addr, source });
+        true
+    }
+
+    fn begin(&mut self, now: Instant) {
+        if self.cands.is_empty() {
+            return;
+        }
+        self.retry_at = None;
+        self.attempt_started = Some(now);
+        self.probing = Some(Probing {
+            started: now,
+            next_send: now,
+            next_index: 0,
+            round: 0,
+            round_start: now,
+        });
+    }
+
+    /// Stops everything (peer gone for good).
+    pub fn stop(&mut self) {
+        self.probing = None;
+        self.retry_at = None;
+    }
+
+    /// The earliest instant this state wants [`PunchState::on_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = [
+            self.probing.map(|p| p.next_send),
+            self.retry_at,
+            self.direct.and_then(|d| d.next_keepalive),
+            self.direct.and_then(|d| d.next_ping_retx),
+        ];
+        t.sort();
+        t.into_iter().flatten().next()
+    }
+
+    fn new_txid(&mut self, rng: &mut ChaCha20Rng) -> u64 {
+        let txid: u64 = rng.random();
+        if self.outstanding.len() >= MAX_OUTSTANDING {
+            self.outstanding.remove(0);
+        }
+        self.outstanding.push(txid);
+        txid
+    }
+
+    /// Runs due timers. Returns a path update when the direct path died.
+    pub fn on_timeout(
+        &mut self,
+        now: Instant,
+        keys: &IntroKeys,
+        cfg: &PunchConfig,
+        rng: &mut ChaCha20Rng,
+        out: &mut Vec<Transmit>,
+    ) -> Option<PathUpdate> {
+        let mut update = None;
+        if let Some(d) = self.direct {
+            if let Some(since) = d.ping_outstanding_since
+                && now.saturating_duration_since(since) >= cfg.path_timeout
+            {
+                debug!(remote = %d.remote, "direct path dead: no answer");
+                self.direct = None;
+                update = Some(PathUpdate::Lost);
+                self.backoff = Duration::ZERO;
+                self.begin(now);
+            } else {
+                let due_keepalive = d.next_keepalive.is_some_and(|t| t <= now);
+                let due_retx = d.next_ping_retx.is_some_and(|t| t <= now);
+                if due_keepalive || due_retx {
+                    self.send_ping(now, keys, cfg, rng, out);
+                }
+            }
+        }
+        if self.retry_at.is_some_and(|t| t <= now) && self.direct.is_none() {
+            self.begin(now);
+        }
+        // Bounded: at most one round's worth of probes per call.
+        let mut budget = self.cands.len() + 1;
+        while let Some(mut p) = self.probing {
+            if p.next_send > now || budget == 0 {
+                break;
+            }
+            budget -= 1;
+            if now.saturating_duration_since(p.started) >= cfg.punch_duration {
+                self.probing = None;
+                if self.direct.is_none() {
+                    self.backoff = (self.backoff * 2).clamp(cfg.retry_min, cfg.retry_max);
+                    let jitter = rng.random_range(0..=self.backoff.as_millis() as u64 / 4);
+                    self.retry_at = Some(now + self.backoff + Duration::from_millis(jitter));
+                    debug!(retry_in = ?self.backoff, "punching failed; staying on relay");
+                }
+                break;
+            }
+            if let Some(c) = self.cands.get(p.next_index).copied() {
+                let txid = self.new_txid(rng);
+                trace!(to = %c.addr, round = p.round, "punch probe");
+                send(keys, PunchType::Probe, txid, None, None, c.addr, out);
+            }
+            p.next_index += 1;
+            if p.next_index >= self.cands.len() {
+                p.next_index = 0;
+                let interval = Duration::from_millis(200 << p.round.min(3))
+                    .min(Duration::from_secs(1))
+                    .max(cfg.pace * self.cands.len() as u32);
+                p.round += 1;
+                p.round_start += interval;
+                p.next_send = p.round_start.max(now);
+            } else if p.round == 0 && p.next_index < FIRST_ROUND_BURST {
+                // The first round goes out at once: every mapping toward the peer must exist
+                // before the peer's first probe can arrive (one one-way delay later), or a
+                // bare masquerade NAT turns that early probe into a conntrack clash.
+                p.next_send = now;
+            } else {
+                p.next_send = now + cfg.pace;
+            }
+            self.probing = Some(p);
+        }
+        update
+    }
+
+    fn send_ping(
+        &mut self,
+        now: Instant,
+        keys: &IntroKeys,
+        cfg: &PunchConfig,
+        rng: &mut ChaCha20Rng,
+        out: &mut Vec<Transmit>,
+    ) {
+        let txid = self.new_txid(rng);
+        let Some(d) = self.direct.as_mut() else {
+            return;
+        };
+        send(keys, PunchType::Ping, txid, None, d.local, d.remote, out);
+        d.ping_outstanding_since.get_or_insert(now);
+        d.next_ping_retx = Some(now + Duration::from_secs(1));
+        d.next_keepalive = cfg.keepalive.map(|k| now + k);
+    }
+
+    /// The application sent data on the direct path: if the path has been silent for a
+    /// heartbeat, check it now rather than at the next keepalive.
+    pub fn note_sent(&mut self, now: Instant, cfg: &PunchConfig) {
+        if let Some(d) = self.direct.as_mut()
+            && d.ping_outstanding_since.is_none()
+            && now.saturating_duration_since(d.last_rx) >= cfg.heartbeat
+        {
+            d.next_keepalive = Some(now);
+        }
+    }
+
+    /// Something authenticated (or QUIC) arrived from `from`: proof the path is alive.
+    pub fn note_received(&mut self, now: Instant, from: SocketAddr, cfg: &PunchConfig) {
+        if let Some(d) = self.direct.as_mut()
+            && d.remote == from
+        {
+            d.last_rx = now;
+            if d.ping_outstanding_since.take().is_some() {
+                d.next_ping_retx = None;
+                d.next_keepalive = cfg.keepalive.map(|k| now + k);
+            }
+        }
+    }
+
+    /// An authenticated probe arrived on `local` from `from`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_probe(
+        &mut self,
+        now: Instant,
+        keys: &IntroKeys,
+        local: Option<SocketAddr>,
+        from: SocketAddr,
+        txid: u64,
+        rng: &mut ChaCha20Rng,
+        fam: (bool, bool),
+        out: &mut Vec<Transmit>,
+    ) {
+        send(keys, PunchType::Ack, txid, Some(from), local, from, out);
+        let known = self.cands.iter().any(|c| c.addr == from);
+        if !known {
+            debug!(%from, "peer-reflexive candidate");
+            self.add_cand(from, CandSource::PeerReflexive, fam);
+        }
+        let better = match self.direct {
+            None => true,
+            Some(d) => d.remote != from && self.source_of(from) > d.source,
+        };
+        if better {
+            // Triggered check (RFC 8445 section 7.3.1.4).
+            let t = self.new_txid(rng);
+            send(keys, PunchType::Probe, t, None, local, from, out);
+            if self.direct.is_none() && self.probing.is_none() {
+                self.begin(now);
+            }
+        }
+    }
+
+    fn source_of(&self, addr: SocketAddr) -> CandSource {
+        self.cands
+            .iter()
+            .find(|c| c.addr == addr)
+            .map_or(CandSource::PeerReflexive, |c| c.source)
+    }
+
+    /// An authenticated ack to one of our probes: the round trip confirms the path.
+    pub fn on_ack(
+        &mut self,
+        now: Instant,
+        local: Option<SocketAddr>,
+        from: SocketAddr,
+        txid: u64,
+        cfg: &PunchConfig,
+    ) -> Option<PathUpdate> {
+        if !self.outstanding.contains(&txid) {
+            trace!(%from, "ack for an unknown probe");
+            return None;
+        }
+        let source = self.source_of(from);
+        if let Some(d) = self.direct.as_mut() {
+            if d.remote == from {
+                d.last_rx = now;
+                return None;
+            }
+            if source <= d.source {
+                return None;
+            }
+        }
+        debug!(%from, ?source, "direct path confirmed");
+        self.direct = Some(Direct {
+            local,
+            remote: from,
+            source,
+            last_rx: now,
+            next_keepalive: cfg.keepalive.map(|k| now + k),
+            ping_outstanding_since: None,
+            next_ping_retx: None,
+        });
+        // Keep probing better candidate kinds only while some are left untried this round;
+        // simplest and good enough: stop once a path exists.
+        self.probing = None;
+        self.retry_at = None;
+        self.backoff = Duration::ZERO;
+        Some(PathUpdate::Direct(from))
+    }
+
+    /// Whether `txid` is one of ours (for pongs on any path).
+    pub fn owns(&self, txid: u64) -> bool {
+        self.outstanding.contains(&txid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn keys(role: Role) -> IntroKeys {
+        IntroKeys {
+            channel: crate::wire::relay_data::ChannelId(1),
+            nonce: [3; 32],
+            tag: punch::tag(&[3; 32]),
+            role,
+        }
+    }
+
+    fn cand(s: &str, kind: CandidateKind) -> Candidate {
+        Candidate {
+            addr: s.parse().unwrap(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn probes_are_paced_and_round_trip_confirms() {
+        let t0 = Instant::now();
+        let cfg = PunchConfig::default();
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let k = keys(Role::Initiator);
+        let mut p = PunchState::default();
+        p.start(
+            t0,
+            &[
+                cand("198.51.100.1:4000", CandidateKind::ServerReflexive),
+                cand("10.0.0.2:4000", CandidateKind::Host),
+            ],
+            NatReport::default(),
+            (true, false),
+        );
+        let mut out = Vec::new();
+        assert_eq!(p.on_timeout(t0, &k, &cfg, &mut rng, &mut out), None);
+        assert_eq!(out.len(), 2, "first round in one burst");
+        let second_round = p.poll_timeout().unwrap();
+        assert_eq!(second_round, t0 + Duration::from_millis(200));
+        p.on_timeout(second_round, &k, &cfg, &mut rng, &mut out);
+        assert_eq!(out.len(), 3, "later rounds paced");
+        assert_eq!(p.poll_timeout(), Some(second_round + cfg.pace));
+        // Answer the first probe as the peer would.
+        let probe = punch::decode(&k.nonce, &out[0].contents).unwrap();
+        let upd = p.on_ack(t0, None, out[0].destination, probe.txid, &cfg);
+        assert_eq!(upd, Some(PathUpdate::Direct(out[0].destination)));
+        assert!(!p.is_probing());
+        // An ack with an unknown txid confirms nothing.
+        assert_eq!(p.on_ack(t0, None, out[1].destination, 42, &cfg), None);
+    }
+
+    #[test]
+    fn unanswered_pings_kill_the_path_and_punching_restarts() {
+        let t0 = Instant::now();
+        let cfg = PunchConfig::default();
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let k = keys(Role::Responder);
+        let mut p = PunchState::default();
+        p.start(
+            t0,
+            &[cand("198.51.100.1:4000", CandidateKind::ServerReflexive)],
+            NatReport::default(),
+            (true, false),
+        );
+        let mut out = Vec::new();
+        p.on_timeout(t0, &k, &cfg, &mut rng, &mut out);
+        let probe = punch::decode(&k.nonce, &out[0].contents).unwrap();
+        p.on_ack(t0, None, out[0].destination, probe.txid, &cfg);
+        let mut lost = None;
+        for _ in 0..100 {
+            let now = p.poll_timeout().unwrap();
+            if let Some(u) = p.on_timeout(now, &k, &cfg, &mut rng, &mut out) {
+                lost = Some((u, now));
+                break;
+            }
+        }
+        let (u, at) = lost.expect("path never declared dead");
+        assert_eq!(u, PathUpdate::Lost);
+        assert!(at >= t0 + cfg.keepalive.unwrap() + cfg.path_timeout);
+        assert!(p.is_probing(), "punching restarts after a path dies");
+    }
+
+    #[test]
+    fn sequential_nat_gets_predicted_candidates() {
+        let mut p = PunchState::default();
+        let nat = NatReport {
+            mapping: MappingBehavior::EndpointDependent,
+            allocation: PortAllocation::Sequential(1),
+            udp: true,
+        };
+        p.start(
+            Instant::now(),
+            &[cand("198.51.100.1:4000", CandidateKind::ServerReflexive)],
+            nat,
+            (true, false),
+        );
+        assert_eq!(p.cands.len(), 1 + PREDICTED_PORTS as usize);
+        assert_eq!(p.cands[1].addr.port(), 4001);
+    }
+}
