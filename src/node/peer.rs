@@ -47,8 +47,12 @@ pub(crate) struct Peer {
     pub wanted: bool,
     /// `request_id` of our outstanding `Connect`, if any.
     pub pending_request: Option<u32>,
-    /// The live introduction, if any.
+    /// The current introduction, if any (its keys outlive the relay channel: a direct path
+    /// keeps using the nonce after the relay forgot the pair).
     pub intro: Option<IntroKeys>,
+    /// The introduction's relay channel still forwards (false after `PeerGone` or when the
+    /// relay session was lost, until the next introduction).
+    pub channel_live: bool,
     /// Punching and the direct path.
     pub punch: PunchState,
 }
@@ -125,13 +129,19 @@ impl PeerTable {
         }
         self.by_channel.insert(keys.channel, h);
         self.by_tag.insert(keys.tag, h);
+        if let Some(p) = self.get_mut(h) {
+            p.channel_live = true;
+        }
     }
 
     /// Forgets the introduction (peer gone from the relay), keeping the peer and any
     /// working direct path.
     pub fn clear_channel(&mut self, h: PeerHandle) {
-        let Some(p) = self.get(h) else { return };
-        if let Some(keys) = p.intro {
+        let Some(p) = self.get_mut(h) else { return };
+        p.channel_live = false;
+        if let Some(keys) = p.intro
+            && self.by_channel.get(&keys.channel) == Some(&h)
+        {
             self.by_channel.remove(&keys.channel);
         }
     }
@@ -190,6 +200,7 @@ mod tests {
             wanted: false,
             pending_request: None,
             intro: None,
+            channel_live: false,
             punch: PunchState::default(),
         }
     }

@@ -9,8 +9,9 @@
 //! that arrives *before* our own first outbound packet creates a conntrack entry that makes
 //! our later mapping toward that peer pick another port (see DESIGN.md).
 //!
-//! * Pacing: one probe every [`PunchConfig::pace`] (ICE's Ta = 50 ms, RFC 8445 section
-//!   14.2) so a node with many candidates does not burst.
+//! * Pacing: the first round goes out back to back (up to 16 candidates), so that every
+//!   mapping toward the peer exists before the peer's first probe can arrive; later rounds
+//!   send one probe every [`PunchConfig::pace`] (ICE's Ta = 50 ms, RFC 8445 section 14.2).
 //! * Rounds: the candidate list is probed again after 200 ms, then doubling up to 1 s,
 //!   until [`PunchConfig::punch_duration`]. Loss of 20 % still lets one of ~13 rounds
 //!   through with near certainty.
@@ -148,6 +149,8 @@ pub(crate) enum PathUpdate {
     Lost,
 }
 
+/// Candidates probed back to back (unpaced) in the first round.
+const FIRST_ROUND_BURST: usize = 16;
 /// Most outstanding probe/ping transaction IDs remembered.
 const MAX_OUTSTANDING: usize = 128;
 /// Most candidates kept per peer.
@@ -375,6 +378,11 @@ impl PunchState {
                 p.round += 1;
                 p.round_start += interval;
                 p.next_send = p.round_start.max(now);
+            } else if p.round == 0 && p.next_index < FIRST_ROUND_BURST {
+                // The first round goes out at once: every mapping toward the peer must exist
+                // before the peer's first probe can arrive (one one-way delay later), or a
+                // bare masquerade NAT turns that early probe into a conntrack clash.
+                p.next_send = now;
             } else {
                 p.next_send = now + cfg.pace;
             }
@@ -551,10 +559,12 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(p.on_timeout(t0, &k, &cfg, &mut rng, &mut out), None);
-        assert_eq!(out.len(), 1, "one probe per pace slot");
-        assert_eq!(p.poll_timeout(), Some(t0 + cfg.pace));
-        p.on_timeout(t0 + cfg.pace, &k, &cfg, &mut rng, &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 2, "first round in one burst");
+        let second_round = p.poll_timeout().unwrap();
+        assert_eq!(second_round, t0 + Duration::from_millis(200));
+        p.on_timeout(second_round, &k, &cfg, &mut rng, &mut out);
+        assert_eq!(out.len(), 3, "later rounds paced");
+        assert_eq!(p.poll_timeout(), Some(second_round + cfg.pace));
         // Answer the first probe as the peer would.
         let probe = punch::decode(&k.nonce, &out[0].contents).unwrap();
         let upd = p.on_ack(t0, None, out[0].destination, probe.txid, &cfg);

@@ -9,8 +9,6 @@
 //! - [`stun_server`]: the STUN Binding responder (stateless).
 //! - [`limits`]: token buckets and per-IP rate windows.
 //! - [`metrics`]: counters as plain integers and their Prometheus text rendering.
-//! - `sim_adapter` (with the `sim` feature or in tests): the core behind the simulator's
-//!   `SimRelay` trait, so simulated nodes run against the real relay.
 //! - [`config`]: [`RelayConfig`] and [`Limits`] with their defaults.
 
 pub mod config;
@@ -18,14 +16,14 @@ pub mod core;
 pub mod limits;
 pub mod metrics;
 pub mod session;
-#[cfg(any(test, feature = "sim"))]
-pub mod sim_adapter;
 pub mod stun_server;
 
 pub use self::config::{Limits, RelayConfig};
 pub use self::core::{ConnId, Event, Forward, RelayCore, Transmit};
 pub use self::metrics::Metrics;
 
+/// Scenarios of the real node core against the real relay core in the simulator (the
+/// adapter is `crate::sim::RealRelay`).
 #[cfg(test)]
 mod sim_tests;
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::node::PathKind;
 use crate::sim::{HostId, NatConfig, Sim, SimConfig};
 
-use super::sim_adapter::real_relay_factory;
+use crate::sim::real_relay_factory;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)

@@ -44,6 +44,8 @@
 pub mod tls;
 
 #[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -76,7 +78,9 @@ pub const CLOSE_WRONG_PEER: u32 = 1;
 /// Tunables of the transport. `Default` is tuned for bulk throughput on one core.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
-    /// Seed for connection IDs, the stateless-reset key and the token key.
+    /// Seed for connection IDs, the stateless-reset key and the token key. The driver MUST
+    /// fill it from the OS random source (tests use fixed seeds): anyone who knows it can
+    /// forge stateless resets (RFC 9000 section 10.3) and kill our connections.
     pub rng_seed: [u8; 32],
     /// Most datagrams one [`Transmit`] may carry as equal-size segments (for a GSO send).
     /// 1 means every transmit is exactly one datagram.
@@ -447,9 +451,16 @@ impl Transport {
             .map_err(|e| TransportError::Crypto(e.to_string()))?;
         let mut client_config = quinn_proto::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(self.transport_config.clone());
-        let (ch, quinn) = self
+        let (ch, quinn) = match self
             .endpoint
-            .connect(now, client_config, addr, tls::SERVER_NAME)?;
+            .connect(now, client_config, addr, tls::SERVER_NAME)
+        {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.release_if_unused(peer);
+                return Err(e.into());
+            }
+        };
         tracing::debug!(peer = %peer.short(), "connecting");
         Ok(self.insert(ch, quinn, peer, verdict))
     }
@@ -509,7 +520,16 @@ impl Transport {
             tracing::trace!(peer = %from.short(), len = data.len(), "dropping non-QUIC datagram");
             return;
         }
+        let known = self.peer_addrs.contains_key(&from);
         let addr = self.virtual_addr(from);
+        self.handle_quic(now, from, addr, data);
+        if !known {
+            // Garbage from a stream of unknown senders must not grow the address table.
+            self.release_if_unused(from);
+        }
+    }
+
+    fn handle_quic(&mut self, now: Instant, from: PeerId, addr: SocketAddr, data: &[u8]) {
         let mut buf = Vec::new();
         let Some(event) =
             self.endpoint
@@ -540,6 +560,18 @@ impl Transport {
                 }
             }
             DatagramEvent::Response(t) => self.push_response(t, buf),
+        }
+    }
+
+    /// Forgets `peer`'s virtual address when no connection uses it. A later connection gets
+    /// a fresh address, which is fine: an address only has to be stable for the lifetime of
+    /// the connections on it.
+    fn release_if_unused(&mut self, peer: PeerId) {
+        if self.conns.values().any(|c| c.peer == peer) {
+            return;
+        }
+        if let Some(addr) = self.peer_addrs.remove(&peer) {
+            self.addr_peers.remove(&addr);
         }
     }
 
@@ -736,8 +768,10 @@ impl Transport {
                     reason: refused.map_or(LostReason::LocallyClosed, LostReason::Refused),
                 });
             }
+            let peer = conn.peer;
             self.conns.remove(&key);
             self.order.retain(|k| *k != key);
+            self.release_if_unused(peer);
         }
     }
 
@@ -749,6 +783,16 @@ impl Transport {
     /// quinn-proto's statistics (RTT, congestion window, bytes, lost packets, path MTU).
     pub fn stats(&self, conn: ConnectionHandle) -> Option<ConnectionStats> {
         self.conn(conn).map(|c| c.quinn.stats())
+    }
+
+    /// The live connections with `peer` (usually one; two while both sides dialled at once,
+    /// which the layer above resolves by closing one).
+    pub fn connections(&self, peer: PeerId) -> Vec<ConnectionHandle> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer == peer)
+            .map(|(k, c)| Self::handle_of(*k, c))
+            .collect()
     }
 
     /// Number of live connections (including ones still closing).

@@ -342,6 +342,42 @@ fn handshake_authenticates_both_sides() {
 }
 
 #[test]
+fn simultaneous_dials_give_two_working_connections() {
+    // Both sides dial at the same instant (glare). The transport keeps both; the node picks
+    // one (e.g. the one dialled by the lower peer ID) and closes the other.
+    let mut net = Net::new(&[1, 2], DIRECT, 15);
+    let c01 = net.nodes[0].connect(net.now, net.ids[1]).unwrap();
+    let c10 = net.nodes[1].connect(net.now, net.ids[0]).unwrap();
+    let mut connected = [Vec::new(), Vec::new()];
+    net.run_until(10_000, |net| {
+        for (node, got) in connected.iter_mut().enumerate() {
+            while let Some(c) = net.take_connected(node) {
+                got.push(c);
+            }
+        }
+        connected[0].len() == 2 && connected[1].len() == 2
+    });
+    assert_eq!(net.nodes[0].connections(net.ids[1]).len(), 2);
+    assert!(
+        connected[0]
+            .iter()
+            .any(|c| c.0 == c01 && c.2 == Side::Client)
+    );
+    assert!(
+        connected[1]
+            .iter()
+            .any(|c| c.0 == c10 && c.2 == Side::Client)
+    );
+    net.nodes[1]
+        .close(net.now, c10, CLOSE_NORMAL, b"duplicate")
+        .unwrap();
+    net.run_until(100_000, |net| {
+        net.nodes[0].connection_count() == 1 && net.nodes[1].connection_count() == 1
+    });
+    assert_eq!(net.nodes[0].connections(net.ids[1]), vec![c01]);
+}
+
+#[test]
 fn wrong_expected_peer_is_refused_with_both_ids() {
     // Node 0 dials node 2's ID, but the path delivers to node 1 (a relay or stranger with
     // another key), whose replies are attributed to node 2.
@@ -653,7 +689,11 @@ fn close_reaches_the_peer_and_frees_handles() {
         net.nodes[0].open_stream(ca, Dir::Bi),
         Err(TransportError::UnknownConnection)
     ));
-    assert!(net.nodes[1].peer(cb).is_none() || net.nodes[1].connection_count() == 1);
+    // Both sides drain and forget the connection and the peer's virtual address.
+    net.run_until(100_000, |net| net.nodes[1].connection_count() == 0);
+    assert!(net.nodes[1].peer(cb).is_none());
+    assert_eq!(net.nodes[0].connection_count(), 0);
+    assert!(net.nodes[0].peer_addrs.is_empty() && net.nodes[1].peer_addrs.is_empty());
 }
 
 #[test]
@@ -709,6 +749,9 @@ fn garbage_never_panics_and_never_hurts_live_connections() {
             net.step();
         }
     }
+    // Strangers' garbage left no virtual addresses behind.
+    assert!(!net.nodes[0].peer_addrs.contains_key(&stranger));
+    assert!(!net.nodes[1].peer_addrs.contains_key(&stranger));
     // Replayed and mangled packets did not kill the connection: it still carries data.
     let data = pattern(200_000, 13);
     let got = transfer(&mut net, (0, ca), (1, cb), &data, 100_000, |_, _| {});

@@ -427,6 +427,27 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)
+        ) {
+            let _ = peer_id_from_cert(&bytes);
+        }
+
+        #[test]
+        fn spliced_certificates_are_refused(
+            cut in 0usize..400,
+            insert in proptest::collection::vec(proptest::num::u8::ANY, 1..40)
+        ) {
+            let local = LocalCert::new(&Identity::from_secret([9; 32])).unwrap();
+            let mut der = local.cert.to_vec();
+            let cut = cut.min(der.len());
+            der.splice(cut..cut, insert.iter().copied());
+            proptest::prop_assert!(peer_id_from_cert(&der).is_err());
+        }
+    }
+
     #[test]
     fn other_key_types_are_refused() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -1,0 +1,213 @@
+//! Loopback process tests: the real `burrow-relay` and `burrow` binaries on 127.0.0.1.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("valid JSON line"))
+        .collect()
+}
+
+#[test]
+fn ping_goes_direct_through_a_real_relay() {
+    let relay = Relay::start("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(relay.addr, dir.path(), &[]);
+    let relay_s = relay.addr.to_string();
+    let key = dir.path().join("pinger.key");
+    let out = burrow(&[
+        "ping",
+        &listener.peer,
+        "--relay",
+        &relay_s,
+        "--identity",
+        key.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+        "--no-ipv6",
+        "--json",
+        "--interval",
+        "0.2",
+        "--count",
+        "50",
+        "--until-direct",
+        "--timeout",
+        "30",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ping failed: {stderr}");
+    let pongs = json_lines(&out.stdout);
+    assert!(!pongs.is_empty(), "no pongs; stderr: {stderr}");
+    for p in &pongs {
+        let path = p["path"].as_str().unwrap();
+        assert!(["relay-udp", "relay-tcp", "direct"].contains(&path), "{p}");
+        assert!(p["rtt_ms"].as_f64().unwrap() >= 0.0);
+        assert!(p["seq"].as_u64().unwrap() >= 1);
+    }
+    let last = pongs.last().unwrap();
+    assert_eq!(last["path"], "direct", "pongs: {pongs:?}");
+    // The direct path is the listener's loopback socket, not the relay.
+    let remote: std::net::SocketAddr = last["remote"].as_str().unwrap().parse().unwrap();
+    assert!(remote.ip().is_loopback());
+    assert_ne!(remote, relay.addr);
+    drop(listener);
+}
+
+#[test]
+fn ping_to_an_unknown_peer_is_a_clear_error() {
+    let relay = Relay::start("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    // A valid ID that nobody registered.
+    let out = burrow(&[
+        "id",
+        "--identity",
+        dir.path().join("nobody.key").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let nobody = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = burrow(&[
+        "ping",
+        &nobody,
+        "--relay",
+        &relay.addr.to_string(),
+        "--identity",
+        dir.path().join("me.key").to_str().unwrap(),
+        "--no-ipv6",
+        "--timeout",
+        "20",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach"), "stderr: {stderr}");
+}
+
+#[test]
+fn bad_peer_id_is_a_clear_error() {
+    let out = burrow(&["ping", "not-a-peer", "--relay", "127.0.0.1:9"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad peer ID"), "stderr: {stderr}");
+}
+
+#[test]
+fn id_is_stable_across_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let a = burrow(&["id", "--identity", key.to_str().unwrap()]);
+    let b = burrow(&["id", "--identity", key.to_str().unwrap()]);
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+    assert_eq!(String::from_utf8_lossy(&a.stdout).trim().len(), 52);
+}
+
+#[test]
+fn netcheck_against_the_relay() {
+    let relay = Relay::start("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let out = burrow(&[
+        "netcheck",
+        "--relay",
+        &relay.addr.to_string(),
+        "--identity",
+        dir.path().join("k").to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+        "--no-ipv6",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "netcheck failed: {stderr}");
+    let v = &json_lines(&out.stdout)[0];
+    assert_eq!(v["udp"], true, "{v}");
+    let public: std::net::SocketAddr = v["public_addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(public.ip().to_string(), "127.0.0.1");
+    // On loopback the mapped address is our own socket: no NAT.
+    assert_eq!(v["mapping"], "no-nat", "{v}");
+    assert!(v["relay_rtt_ms"].as_f64().is_some());
+}
+
+#[test]
+fn netcheck_against_coturn_as_a_plain_stun_server() {
+    if !coturn_available() {
+        return;
+    }
+    let port = free_port();
+    let child = Command::new("turnserver")
+        .args(["-n", "-S", "-L", "127.0.0.1", "-p", &port.to_string()])
+        .args(["--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start turnserver");
+    let _coturn = Proc {
+        child,
+        name: "turnserver",
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = format!("127.0.0.1:{port}");
+    // coturn is both the "relay" (for STUN; its TCP side does not speak burrow) and an
+    // extra STUN server; netcheck must still report the mapped address.
+    let out = burrow(&[
+        "netcheck",
+        "--relay",
+        &server,
+        "--stun",
+        &server,
+        "--identity",
+        dir.path().join("k").to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+        "--no-ipv6",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "netcheck failed: {stderr}");
+    let v = &json_lines(&out.stdout)[0];
+    assert_eq!(v["udp"], true, "{v}");
+    let public: std::net::SocketAddr = v["public_addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(public.ip().to_string(), "127.0.0.1");
+}
+
+#[test]
+fn listener_re_registers_after_the_relay_restarts() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut relay = Relay::start(&listen);
+    assert_eq!(relay.addr.port(), port);
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(relay.addr, dir.path(), &[]);
+    wait_line(&listener.stderr, "registered");
+    // Kill the relay, start a new one on the same port: the listener must come back by
+    // itself (reconnect with backoff), and a ping must then reach it.
+    let _ = relay.proc.child.kill();
+    let _ = relay.proc.child.wait();
+    relay = Relay::start(&listen);
+    wait_line(&listener.stderr, "registered");
+    let out = burrow(&[
+        "ping",
+        &listener.peer,
+        "--relay",
+        &listen,
+        "--identity",
+        dir.path().join("pinger.key").to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+        "--no-ipv6",
+        "--count",
+        "3",
+        "--interval",
+        "0.2",
+        "--timeout",
+        "30",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ping after restart failed: {stderr}");
+    drop(relay);
+}
