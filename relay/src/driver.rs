@@ -10,6 +10,11 @@
 //! sockets that still had data go on a "still readable" list and the loop polls with a zero
 //! timeout while that list is non-empty, so one busy socket cannot starve the others.
 //! WRITABLE interest is registered only while a connection's queue is non-empty.
+//!
+//! On Linux, UDP is read with `recvmmsg` (32 datagrams per call, see `batch`) and the
+//! datagrams the core forwards are re-sent from the same buffers with one `sendmmsg` per
+//! batch; replies the core generates (STUN, bind answers, TCP→UDP relaying) go out one
+//! `send_to` each. Signals arrive through a self-pipe (see `signals`).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
