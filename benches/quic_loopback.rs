@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use burrow::identity::Identity;
-use burrow::transport::{Dir, Event, StreamRead, Transport, TransportConfig};
+use burrow::transport::{Dir, Event, StreamChunk, Transport, TransportConfig};
+use bytes::Bytes;
 
 /// CPU time this thread has used: the machine is shared, so wall-clock rates understate
 /// what one core does; MB per CPU-second is the stable number.
@@ -37,8 +38,9 @@ fn run(total: usize, max_segments: usize) -> (f64, f64, Duration) {
     let ca = a.connect(Instant::now(), pb).unwrap();
     let mut cb = None;
     let mut connected_a = false;
-    let payload = vec![0x5au8; 1 << 20];
-    let mut buf = vec![0u8; 1 << 20];
+    // One shared 1 MiB buffer, handed to the stream zero-copy again and again.
+    let payload = Bytes::from(vec![0x5au8; 1 << 20]);
+    let mut pending = Bytes::new();
     let mut sent = 0usize;
     let mut received = 0usize;
     let mut stream = None;
@@ -56,8 +58,10 @@ fn run(total: usize, max_segments: usize) -> (f64, f64, Duration) {
         if connected_a && start.is_some() {
             let s = *stream.get_or_insert_with(|| a.open_stream(ca, Dir::Uni).unwrap().unwrap());
             while sent < total {
-                let end = (sent + payload.len()).min(total);
-                let n = a.write(ca, s, &payload[..end - sent]).unwrap();
+                if pending.is_empty() {
+                    pending = payload.slice(..payload.len().min(total - sent));
+                }
+                let n = a.write_bytes(ca, s, &mut pending).unwrap();
                 if n == 0 {
                     break;
                 }
@@ -98,10 +102,10 @@ fn run(total: usize, max_segments: usize) -> (f64, f64, Duration) {
             }
             if let Some(rs) = recv_stream {
                 loop {
-                    match b.read(cb, rs, &mut buf).unwrap() {
-                        StreamRead::Data(n) => received += n,
-                        StreamRead::Blocked => break,
-                        StreamRead::Finished => {
+                    match b.read_chunk(cb, rs, usize::MAX).unwrap() {
+                        StreamChunk::Data(chunk) => received += chunk.len(),
+                        StreamChunk::Blocked => break,
+                        StreamChunk::Finished => {
                             assert_eq!(received, total);
                             let elapsed = start.unwrap().elapsed();
                             let cpu = thread_cpu_time() - cpu_start;

@@ -884,6 +884,19 @@ impl NodeCore {
         let peer = intro.peer;
         let fam = self.families();
         let h = self.peers.get_or_insert(peer, || new_peer(peer));
+        // A fresh nonce is a new session of the peer (it restarted or reconnected): its old
+        // direct path is stale, and keeping it would send everything into a dead socket
+        // until the path timeout. Forget it and punch again.
+        let old_direct = self
+            .peers
+            .get(h)
+            .filter(|p| p.intro.is_some_and(|k| k.nonce != intro.punch_nonce))
+            .and_then(|p| p.punch.direct().map(|d| d.remote));
+        if old_direct.is_some()
+            && let Some(p) = self.peers.get_mut(h)
+        {
+            p.punch.forget_direct();
+        }
         let keys = IntroKeys {
             channel: intro.channel,
             nonce: intro.punch_nonce,
@@ -902,6 +915,12 @@ impl NodeCore {
             peer,
             role: intro.role,
         });
+        if old_direct.is_some() {
+            self.peers.set_direct(h, old_direct, None);
+            if let Some(path) = self.path_of(now, h) {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }

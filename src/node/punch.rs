@@ -305,6 +305,13 @@ impl PunchState {
         }
     }
 
+    /// Drops the direct path without waiting for it to time out: a new introduction (a new
+    /// punch nonce) means the peer started a new session, possibly from another socket, and
+    /// the old path can no longer be authenticated.
+    pub fn forget_direct(&mut self) -> bool {
+        self.direct.take().is_some()
+    }
+
     /// Stops everything (peer gone for good).
     pub fn stop(&mut self) {
         self.probing = None;

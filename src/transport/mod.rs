@@ -20,6 +20,22 @@
 //! Events are also produced while transmitting (e.g. a stream becomes writable once an ACK
 //! frees window), so loop 1–2 until both are empty.
 //!
+//! # Gluing to the node
+//!
+//! ```ignore
+//! // node event -> transport
+//! NodeEvent::Datagram { peer, bytes } => transport.handle_datagram(now, peer, &bytes),
+//! // transport -> node (any path; a GSO batch is split for the relay)
+//! while let Some(t) = transport.poll_transmit(now) {
+//!     for d in t.datagrams() {
+//!         let _ = node.send_datagram(now, &t.peer, d); // no path yet: QUIC retransmits
+//!     }
+//! }
+//! ```
+//!
+//! The node's initiator (`Role`) calls [`Transport::connect`]; the other side just receives.
+//! `src/transport/sim_tests.rs` runs exactly this loop in the simulator.
+//!
 //! # Packet sizes
 //!
 //! Every QUIC datagram must still fit a 1280–1500 byte path after the node adds the 8-byte
@@ -132,9 +148,10 @@ pub enum TransportError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
-    /// The ring provider lacks QUIC's initial cipher suite (never expected).
-    #[error("QUIC crypto configuration: {0}")]
-    Crypto(String),
+    /// quinn-proto refused the configuration (e.g. the ring provider lacking QUIC's initial
+    /// cipher suite; never expected).
+    #[error("QUIC configuration: {0}")]
+    Config(String),
     /// quinn-proto refused to start the connection.
     #[error("connect: {0}")]
     Connect(#[from] quinn_proto::ConnectError),
@@ -182,7 +199,9 @@ pub struct ConnectionHandle {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Handshake complete and the peer authenticated as `peer`. The layer above applies its
-    /// allow list here (and [`Transport::close`]s refused peers).
+    /// allow list here (and [`Transport::close`]s refused peers). On the client side the
+    /// server checks our certificate only after this point (TLS 1.3 client Finished), so a
+    /// refusal there shows up as a [`Event::ConnectionLost`] right after.
     Connected {
         /// The connection.
         conn: ConnectionHandle,
@@ -286,6 +305,17 @@ pub enum StreamRead {
     Finished,
 }
 
+/// What [`Transport::read_chunk`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamChunk {
+    /// The next bytes of the stream.
+    Data(Bytes),
+    /// Nothing available now; wait for [`Event::StreamReadable`].
+    Blocked,
+    /// The peer finished the stream and everything was read (EOF).
+    Finished,
+}
+
 /// One connection and what the transport knows about it.
 struct Conn {
     quinn: quinn_proto::Connection,
@@ -371,11 +401,11 @@ impl Transport {
             )));
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
 
         let server_tls = tls::server_config(&local)?;
         let server_crypto = QuicServerConfig::try_from(server_tls)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
         let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&derive_key(
             "burrow transport 2026 token key",
             &config.rng_seed,
@@ -443,12 +473,24 @@ impl Transport {
         now: Instant,
         peer: PeerId,
     ) -> Result<ConnectionHandle, TransportError> {
-        self.last_now = Some(now);
-        let addr = self.virtual_addr(peer);
         let verdict: VerdictSlot = Arc::new(Mutex::new(None));
         let client_tls = tls::client_config(&self.local, peer, verdict.clone())?;
+        self.connect_with_tls(now, peer, client_tls, verdict)
+    }
+
+    /// `connect` with a given rustls configuration (tests use it to play a non-burrow or
+    /// misconfigured client).
+    fn connect_with_tls(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        client_tls: rustls::ClientConfig,
+        verdict: VerdictSlot,
+    ) -> Result<ConnectionHandle, TransportError> {
+        self.last_now = Some(now);
+        let addr = self.virtual_addr(peer);
         let client_crypto = QuicClientConfig::try_from(client_tls)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut client_config = quinn_proto::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(self.transport_config.clone());
         let (ch, quinn) = match self
@@ -621,12 +663,14 @@ impl Transport {
             if self.cursor >= self.order.len() {
                 self.cursor = 0;
             }
-            let key = self.order[self.cursor];
+            let Some(&key) = self.order.get(self.cursor) else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&key) else {
                 self.cursor += 1;
                 continue;
             };
-            let mut buf = Vec::with_capacity(MAX_UDP_PAYLOAD as usize);
+            let mut buf = Vec::with_capacity(MAX_UDP_PAYLOAD as usize * self.max_segments);
             let transmit = conn.quinn.poll_transmit(now, self.max_segments, &mut buf);
             self.drive(key);
             match transmit {
@@ -837,6 +881,28 @@ impl Transport {
         }
     }
 
+    /// Zero-copy [`Transport::write`]: takes as much of `data` as allowed without copying
+    /// and advances `data` past it. `Ok(0)` means blocked.
+    pub fn write_bytes(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        data: &mut Bytes,
+    ) -> Result<usize, TransportError> {
+        let quinn = &mut self.conn_mut(conn)?.quinn;
+        let mut chunks = [std::mem::take(data)];
+        let result = quinn.send_stream(stream).write_chunks(&mut chunks);
+        *data = std::mem::take(&mut chunks[0]);
+        match result {
+            Ok(written) => Ok(written.bytes),
+            Err(quinn_proto::WriteError::Blocked) => Ok(0),
+            Err(quinn_proto::WriteError::Stopped(code)) => {
+                Err(TransportError::Stopped(code.into_inner()))
+            }
+            Err(quinn_proto::WriteError::ClosedStream) => Err(TransportError::ClosedStream),
+        }
+    }
+
     /// Ends the stream after the data written so far (a FIN).
     pub fn finish(
         &mut self,
@@ -925,6 +991,32 @@ impl Transport {
             return Ok(StreamRead::Data(filled));
         }
         outcome.unwrap_or(Ok(StreamRead::Blocked))
+    }
+
+    /// Zero-copy [`Transport::read`]: the next in-order chunk of at most `max` bytes, as
+    /// quinn-proto received it.
+    pub fn read_chunk(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        max: usize,
+    ) -> Result<StreamChunk, TransportError> {
+        let c = self.conn_mut(conn)?;
+        if c.eof_pending.remove(&stream) {
+            return Ok(StreamChunk::Finished);
+        }
+        let mut recv = c.quinn.recv_stream(stream);
+        let mut chunks = recv.read(true).map_err(|_| TransportError::ClosedStream)?;
+        let outcome = match chunks.next(max) {
+            Ok(Some(chunk)) => Ok(StreamChunk::Data(chunk.bytes)),
+            Ok(None) => Ok(StreamChunk::Finished),
+            Err(quinn_proto::ReadError::Blocked) => Ok(StreamChunk::Blocked),
+            Err(quinn_proto::ReadError::Reset(code)) => {
+                Err(TransportError::Reset(code.into_inner()))
+            }
+        };
+        let _ = chunks.finalize();
+        outcome
     }
 
     /// Sends an unreliable QUIC datagram (RFC 9221). Oldest queued datagrams are dropped if

@@ -380,6 +380,9 @@ pub fn server_config(local: &LocalCert) -> Result<rustls::ServerConfig, rustls::
         .with_client_cert_verifier(Arc::new(AnyBurrowPeer))
         .with_single_cert(vec![local.cert.clone()], local.private_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // No session tickets: a resumed TLS 1.3 handshake carries no certificates (RFC 8446
+    // section 2.2), so every connection proves both keys afresh instead.
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -396,6 +399,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(ExpectPeer { expected, verdict }))
         .with_client_auth_cert(vec![local.cert.clone()], local.private_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
