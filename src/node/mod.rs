@@ -850,8 +850,9 @@ impl NodeCore {
                 if let Some(h) = self.peers.by_channel(channel)
                     && let Some(p) = self.peers.get_mut(h)
                     && p.id == peer
-                    && p.punch.direct().is_none()
                 {
+                    // Keep them even while a direct path works: when it dies (the peer
+                    // roamed), the next attempt must aim at the new addresses.
                     p.punch.start(now, &candidates, nat, fam);
                 }
             }
