@@ -570,6 +570,7 @@ impl FileReceiver {
                 self.verify(s);
                 continue;
             }
+            // A copying read batches many packets into one `write` syscall (see pipe.rs).
             match transport.read(conn, stream, &mut self.buf[..want]) {
                 Ok(StreamRead::Data(n)) => {
                     if s.have < s.size {
