@@ -146,19 +146,23 @@ impl Pacer {
             .max(8);
         let elapsed = now.saturating_duration_since(self.start).as_nanos();
         let due = (u128::from(self.rate) * elapsed / 1_000_000_000) as u64 + size as u64;
+        let count = due
+            .saturating_sub(self.sent_bytes)
+            .div_ceil(size as u64)
+            .min(MAX_DATAGRAMS_PER_TICK);
+        // One allocation per tick, split into the datagrams (they share it).
+        let mut block = BytesMut::with_capacity(count as usize * size);
         let mut sent = 0;
-        let mut count = 0;
-        while self.sent_bytes < due && count < MAX_DATAGRAMS_PER_TICK {
-            let mut d = BytesMut::with_capacity(size);
-            d.put_u64(self.next_seq);
-            d.put_slice(&filler[..size - 8]);
+        for _ in 0..count {
+            block.put_u64(self.next_seq);
+            block.put_slice(&filler[..size - 8]);
+            let d = block.split_to(size).freeze();
             transport
-                .send_datagram(conn, d.freeze())
+                .send_datagram(conn, d)
                 .map_err(|e| e.to_string())?;
             self.next_seq += 1;
             self.sent_bytes += size as u64;
             sent += size as u64;
-            count += 1;
         }
         self.next_at = Some(now + PACE_TICK);
         Ok(sent)
