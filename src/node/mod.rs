@@ -526,7 +526,11 @@ impl NodeCore {
                 },
                 packet,
             ),
-            PacketClass::Quic => match self.peers.by_direct(from) {
+            PacketClass::Quic => match self
+                .peers
+                .by_direct(from)
+                .or_else(|| self.peers.by_validated(from))
+            {
                 Some(h) => {
                     if let Some(p) = self.peers.get_mut(h) {
                         p.punch.note_received(now, from, &self.cfg.punch);
@@ -879,6 +883,19 @@ impl NodeCore {
         let peer = intro.peer;
         let fam = self.families();
         let h = self.peers.get_or_insert(peer, || new_peer(peer));
+        // A fresh nonce is a new session of the peer (it restarted or reconnected): its old
+        // direct path is stale, and keeping it would send everything into a dead socket
+        // until the path timeout. Forget it and punch again.
+        let old_direct = self
+            .peers
+            .get(h)
+            .filter(|p| p.intro.is_some_and(|k| k.nonce != intro.punch_nonce))
+            .and_then(|p| p.punch.direct().map(|d| d.remote));
+        if old_direct.is_some()
+            && let Some(p) = self.peers.get_mut(h)
+        {
+            p.punch.forget_direct();
+        }
         let keys = IntroKeys {
             channel: intro.channel,
             nonce: intro.punch_nonce,
@@ -897,6 +914,12 @@ impl NodeCore {
             peer,
             role: intro.role,
         });
+        if old_direct.is_some() {
+            self.peers.set_direct(h, old_direct, None);
+            if let Some(path) = self.path_of(now, h) {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }
@@ -948,7 +971,11 @@ impl NodeCore {
         let peer_id = p.id;
         if let Via::Direct { from, .. } = via {
             p.punch.note_received(now, from, &self.cfg.punch);
+            self.peers.validate_addr(h, from);
         }
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
         match (pkt.kind, via) {
             (PunchType::Probe, Via::Direct { local, from }) => {
                 let mut out = Vec::new();
@@ -1041,9 +1068,36 @@ impl NodeCore {
         let path = match u {
             PathUpdate::Direct(a) => Some(PathKind::Direct(a)),
             PathUpdate::Lost => self.path_of(now, h),
+            PathUpdate::RetryDue => {
+                self.retry_punch(now, h);
+                None
+            }
         };
         if let Some(path) = path {
             self.events.push_back(NodeEvent::PathChanged { peer, path });
+        }
+    }
+}
+
+impl NodeCore {
+    /// A punching backoff ran out. With a relay, the initiator asks for a fresh
+    /// introduction (both sides then start at the same moment) and the responder waits for
+    /// it; without one, both restart locally.
+    fn retry_punch(&mut self, now: Instant, h: PeerHandle) {
+        let Some(p) = self.peers.get(h) else { return };
+        let role = p.intro.map(|k| k.role);
+        let via_relay = self.session.is_registered() && p.channel_live;
+        match (via_relay, role) {
+            (true, Some(Role::Initiator)) => {
+                debug!(peer = %p.id.short(), "punch retry: asking for a fresh introduction");
+                self.send_connect(h);
+            }
+            (true, _) => {}
+            (false, _) => {
+                if let Some(p) = self.peers.get_mut(h) {
+                    p.punch.restart(now);
+                }
+            }
         }
     }
 }
@@ -1056,5 +1110,6 @@ fn new_peer(id: PeerId) -> Peer {
         intro: None,
         channel_live: false,
         punch: PunchState::default(),
+        validated: Vec::new(),
     }
 }

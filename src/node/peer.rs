@@ -55,7 +55,14 @@ pub(crate) struct Peer {
     pub channel_live: bool,
     /// Punching and the direct path.
     pub punch: PunchState,
+    /// Addresses that sent us an authenticated punch packet for this peer, newest last.
+    /// QUIC datagrams are accepted from these too, so the two sides may pick different
+    /// direct paths (say, LAN one way, public the other) without losing data.
+    pub validated: Vec<SocketAddr>,
 }
+
+/// Most validated addresses remembered per peer.
+const MAX_VALIDATED: usize = 8;
 
 /// The slab plus its indexes. All mutations of indexed fields go through here so the maps
 /// never disagree with the entries.
@@ -67,6 +74,7 @@ pub(crate) struct PeerTable {
     by_channel: HashMap<ChannelId, PeerHandle>,
     by_tag: HashMap<u64, PeerHandle>,
     by_direct: HashMap<SocketAddr, PeerHandle>,
+    by_validated: HashMap<SocketAddr, PeerHandle>,
 }
 
 impl PeerTable {
@@ -117,6 +125,32 @@ impl PeerTable {
     /// The peer whose confirmed direct path is this remote address.
     pub fn by_direct(&self, addr: SocketAddr) -> Option<PeerHandle> {
         self.by_direct.get(&addr).copied()
+    }
+
+    /// The peer that sent an authenticated punch packet from this address.
+    pub fn by_validated(&self, addr: SocketAddr) -> Option<PeerHandle> {
+        self.by_validated.get(&addr).copied()
+    }
+
+    /// Records that `addr` proved (with a MAC) to be the peer's.
+    pub fn validate_addr(&mut self, h: PeerHandle, addr: SocketAddr) {
+        let Some(p) = self.get_mut(h) else { return };
+        if p.validated.last() == Some(&addr) {
+            return;
+        }
+        p.validated.retain(|a| *a != addr);
+        let evicted = if p.validated.len() >= MAX_VALIDATED {
+            Some(p.validated.remove(0))
+        } else {
+            None
+        };
+        p.validated.push(addr);
+        if let Some(old) = evicted
+            && self.by_validated.get(&old) == Some(&h)
+        {
+            self.by_validated.remove(&old);
+        }
+        self.by_validated.insert(addr, h);
     }
 
     /// Installs a (new) introduction, replacing the channel and tag indexes of the old one.
@@ -186,6 +220,7 @@ impl PeerTable {
             self.by_tag.remove(&k.tag);
         }
         self.by_direct.retain(|_, v| *v != h);
+        self.by_validated.retain(|_, v| *v != h);
         Some(p)
     }
 }
@@ -202,6 +237,7 @@ mod tests {
             intro: None,
             channel_live: false,
             punch: PunchState::default(),
+            validated: Vec::new(),
         }
     }
 
@@ -237,6 +273,16 @@ mod tests {
         assert_eq!(t.by_direct(addr), Some(a));
         t.set_direct(a, Some(addr), None);
         assert_eq!(t.by_direct(addr), None);
+        for port in 0..20 {
+            t.validate_addr(a, SocketAddr::new(addr.ip(), port));
+        }
+        assert_eq!(t.get(a).unwrap().validated.len(), MAX_VALIDATED);
+        assert_eq!(
+            t.by_validated(SocketAddr::new(addr.ip(), 0)),
+            None,
+            "evicted"
+        );
+        assert_eq!(t.by_validated(SocketAddr::new(addr.ip(), 19)), Some(a));
         assert_eq!(t.len(), 1);
     }
 }

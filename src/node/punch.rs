@@ -26,7 +26,12 @@
 //! * Prediction: a peer reporting endpoint-dependent mapping with sequential port
 //!   allocation gets predicted candidates at the next few ports after its reflexive one.
 //! * Failure: after `punch_duration` without an ack, traffic stays relayed and punching
-//!   restarts after a backoff (10 s doubling to 2 min).
+//!   restarts after a backoff (30 s doubling to 2 min, plus up to 25 % jitter). The
+//!   initiator restarts it by asking the relay for a fresh introduction, so both sides
+//!   start together again (an unsynchronised retry is exactly what provokes the conntrack
+//!   clash); the responder waits for that introduction. The first gap is 30 s because a
+//!   clash entry left by the failed attempt lives 30 s after the peer's last probe on a
+//!   Linux router: retrying sooner would run into it again.
 //!
 //! # Keepalive and liveness
 //! The direct path carries a `Ping` every [`PunchConfig::keepalive`] (default 15 s) when
@@ -65,7 +70,8 @@ pub struct PunchConfig {
     pub heartbeat: Duration,
     /// A direct path with an unanswered ping this long is dead.
     pub path_timeout: Duration,
-    /// First retry delay after a failed attempt (doubles up to `retry_max`).
+    /// First retry delay after a failed attempt (doubles up to `retry_max`); at least the
+    /// 30 s a conntrack clash entry outlives the peer's last probe.
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
@@ -79,7 +85,7 @@ impl Default for PunchConfig {
             keepalive: Some(Duration::from_secs(15)),
             heartbeat: Duration::from_secs(3),
             path_timeout: Duration::from_millis(6500),
-            retry_min: Duration::from_secs(10),
+            retry_min: Duration::from_secs(30),
             retry_max: Duration::from_secs(120),
         }
     }
@@ -147,6 +153,8 @@ pub(crate) enum PathUpdate {
     Direct(SocketAddr),
     /// The direct path died (or punching failed): traffic goes via the relay.
     Lost,
+    /// A failed attempt's backoff is over: time to punch again.
+    RetryDue,
 }
 
 /// Candidates probed back to back (unpaced) in the first round.
@@ -290,6 +298,20 @@ impl PunchState {
         });
     }
 
+    /// Starts a new attempt now with the known candidates (retry without a relay).
+    pub fn restart(&mut self, now: Instant) {
+        if self.direct.is_none() {
+            self.begin(now);
+        }
+    }
+
+    /// Drops the direct path without waiting for it to time out: a new introduction (a new
+    /// punch nonce) means the peer started a new session, possibly from another socket, and
+    /// the old path can no longer be authenticated.
+    pub fn forget_direct(&mut self) -> bool {
+        self.direct.take().is_some()
+    }
+
     /// Stops everything (peer gone for good).
     pub fn stop(&mut self) {
         self.probing = None;
@@ -344,8 +366,13 @@ impl PunchState {
                 }
             }
         }
-        if self.retry_at.is_some_and(|t| t <= now) && self.direct.is_none() {
-            self.begin(now);
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            if self.direct.is_none() {
+                // The node core decides how: a fresh introduction (both sides start
+                // together) or, without a relay, a local restart via `restart`.
+                return Some(PathUpdate::RetryDue);
+            }
         }
         // Bounded: at most one round's worth of probes per call.
         let mut budget = self.cands.len() + 1;

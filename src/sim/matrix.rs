@@ -3,8 +3,7 @@
 //! Run `cargo test --lib sim::matrix -- --nocapture` to see the table with time-to-direct in
 //! RTTs between the two nodes.
 
-use std::time::Duration;
-
+use super::scenario::{PairOutcome, run_pair};
 use super::*;
 use crate::node::PathKind;
 
@@ -97,85 +96,8 @@ pub(crate) fn expected(a: Kind, b: Kind) -> (&'static str, &'static str) {
     }
 }
 
-/// Outcome of one cell.
-#[derive(Debug, Clone)]
-pub(crate) struct CellResult {
-    pub path_a: Option<PathKind>,
-    pub path_b: Option<PathKind>,
-    /// Time from `connect` until both sides are direct, in RTTs between the nodes.
-    pub rtts_to_direct: Option<f64>,
-    pub got_a: usize,
-    pub got_b: usize,
-    pub sent: usize,
-}
-
-const LAT_A: Duration = Duration::from_millis(20);
-const LAT_B: Duration = Duration::from_millis(30);
-
-fn quic(i: u32) -> Vec<u8> {
-    let mut v = vec![0x40];
-    v.extend_from_slice(&i.to_be_bytes());
-    v.extend_from_slice(&[0x5A; 100]);
-    v
-}
-
-pub(crate) fn run_cell(seed: u64, a: Kind, b: Kind, loss: f64) -> CellResult {
-    let mut sim = Sim::new(
-        seed,
-        SimConfig {
-            loss,
-            ..SimConfig::default()
-        },
-    );
-    let host = |sim: &mut Sim, k: Kind, lat: Duration| {
-        let nat = k.nat().map(|c| sim.add_nat(c, lat));
-        sim.add_host(nat, lat, |_| {})
-    };
-    let ha = host(&mut sim, a, LAT_A);
-    let hb = host(&mut sim, b, LAT_B);
-    let rtt = 2 * (LAT_A + LAT_B);
-    let ok = sim.run_until(Duration::from_secs(60), |s| {
-        s.hosts[ha].node.is_registered() && s.hosts[hb].node.is_registered()
-    });
-    assert!(ok, "seed {seed}: {a:?}/{b:?} never registered");
-    // Let the UDP binds settle (relay-udp vs relay-tcp is decided by them).
-    sim.run_for(Duration::from_secs(3));
-    let ida = sim.hosts[ha].peer_id();
-    let idb = sim.hosts[hb].peer_id();
-    let t0 = sim.elapsed();
-    sim.with_node(ha, |n, now| n.connect(now, idb));
-    let both_direct = |s: &Sim| {
-        matches!(
-            s.hosts[ha].node.path(s.now(), &idb),
-            Some(PathKind::Direct(_))
-        ) && matches!(
-            s.hosts[hb].node.path(s.now(), &ida),
-            Some(PathKind::Direct(_))
-        )
-    };
-    let direct = sim.run_until(Duration::from_secs(15), both_direct);
-    let rtts_to_direct = direct.then(|| (sim.elapsed() - t0).as_secs_f64() / rtt.as_secs_f64());
-    sim.run_for(Duration::from_secs(1));
-    // Datagrams both ways.
-    let sent = 50;
-    for i in 0..sent as u32 {
-        sim.with_node(ha, |n, now| {
-            let _ = n.send_datagram(now, &idb, &quic(i));
-        });
-        sim.with_node(hb, |n, now| {
-            let _ = n.send_datagram(now, &ida, &quic(1000 + i));
-        });
-        sim.run_for(Duration::from_millis(50));
-    }
-    sim.run_for(Duration::from_secs(2));
-    CellResult {
-        path_a: sim.hosts[ha].node.path(sim.now(), &idb),
-        path_b: sim.hosts[hb].node.path(sim.now(), &ida),
-        rtts_to_direct,
-        got_a: sim.hosts[ha].received.len(),
-        got_b: sim.hosts[hb].received.len(),
-        sent,
-    }
+pub(crate) fn run_cell(seed: u64, a: Kind, b: Kind, loss: f64) -> PairOutcome {
+    run_pair(seed, a.nat(), b.nat(), loss)
 }
 
 fn name(p: Option<PathKind>) -> &'static str {
@@ -234,15 +156,4 @@ fn nat_matrix() {
         failures.len(),
         failures.join("\n")
     );
-}
-
-#[test]
-#[ignore]
-fn debug_cell() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let r = run_cell(0xb0010a, Kind::SymSequential, Kind::SymSequential, 0.2);
-    eprintln!("{r:?}");
 }

@@ -16,6 +16,7 @@
 
 pub mod nat;
 mod real_relay;
+pub mod scenario;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -228,6 +229,9 @@ pub struct Sim {
     next_tcp_port: u16,
     /// Pairs of IPs between which internet packets are dropped (a broken path).
     pub partitions: Vec<(IpAddr, IpAddr)>,
+    /// Extra delay on relay → host TCP bytes, per host (a stalled TCP path, e.g. a
+    /// retransmission), to make one side's introduction arrive late.
+    pub tcp_stall: HashMap<HostId, Duration>,
     /// UDP packets delivered / lost (diagnostics).
     pub stats: SimStats,
 }
@@ -272,6 +276,7 @@ impl Sim {
             next_conn: 1,
             next_tcp_port: 50000,
             partitions: Vec::new(),
+            tcp_stall: HashMap::new(),
             stats: SimStats::default(),
         }
     }
@@ -503,7 +508,7 @@ impl Sim {
                         continue;
                     }
                     let h = c.host;
-                    let d = self.tcp_delay(h);
+                    let d = self.tcp_delay(h) + self.tcp_stall.get(&h).copied().unwrap_or_default();
                     let c = self.conns.get_mut(&conn).expect("checked");
                     let at = (self.now + d).max(c.last_down + Duration::from_nanos(1));
                     c.last_down = at;

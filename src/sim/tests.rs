@@ -364,3 +364,35 @@ fn connect_to_unknown_peer_fails_cleanly() {
     let r = sim.with_node(a, |n, now| n.send_datagram(now, &stranger, &quic(1)));
     assert_eq!(r, Err(crate::node::SendError::NoPath));
 }
+
+/// One side's introduction arrives late (its relay TCP stalls), so the peer's first probes
+/// reach a bare-masquerade NAT before this side sent anything: the conntrack clash moves
+/// its mapping and the first attempt fails. The pair must still end up direct.
+#[test]
+fn masquerade_clash_from_a_late_introduction_recovers() {
+    init_log();
+    let seed = 31;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::bare_masquerade(), ms(30));
+    let a = sim.add_host(Some(na), ms(0), |_| {});
+    let b = sim.add_host(Some(nb), ms(0), |_| {});
+    assert!(sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)));
+    sim.run_for(secs(2));
+    sim.tcp_stall.insert(b, ms(400));
+    let bid = sim.hosts[b].peer_id();
+    sim.with_node(a, |n, now| n.connect(now, bid));
+    assert!(sim.run_until(secs(2), |s| {
+        s.has_event(b, |e| matches!(e, NodeEvent::Introduced { .. }))
+    }));
+    sim.tcp_stall.clear();
+    sim.run_for(secs(5));
+    assert!(
+        sim.nats[nb].clashes_created > 0,
+        "seed {seed}: no clash happened"
+    );
+    assert!(!direct(&sim, a, b), "seed {seed}: direct despite the clash");
+    let ok = sim.run_until(secs(180), |s| direct(s, a, b) && direct(s, b, a));
+    assert!(ok, "seed {seed}: never recovered from the clash");
+    eprintln!("direct after the clash at {:?}", sim.elapsed());
+}
