@@ -255,6 +255,20 @@ impl FileSender {
                 });
             }
         }
+        // Two arguments with the same last component (`send a/x b/x`) would land on the same
+        // name; keep the first, report the others.
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|f| {
+            if seen.insert(f.name.clone()) {
+                true
+            } else {
+                skipped.push(Skipped {
+                    path: f.source.clone(),
+                    reason: format!("another argument is also sent as {}", f.name),
+                });
+                false
+            }
+        });
         Ok((files, skipped))
     }
 
@@ -819,5 +833,14 @@ mod tests {
             .collect();
         assert_eq!(skipped, ["dirlink", "fifo", "link-out"]);
         assert!(FileSender::plan(&[tmp.path().join("missing")]).is_err());
+        // Same name from two arguments: the second is reported, not sent.
+        fs::create_dir(tmp.path().join("other")).unwrap();
+        fs::write(tmp.path().join("other/single"), b"x").unwrap();
+        let (files, skipped) =
+            FileSender::plan(&[tmp.path().join("single"), tmp.path().join("other/single")])
+                .unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].source, tmp.path().join("single"));
+        assert!(skipped[0].reason.contains("also sent as single"));
     }
 }
