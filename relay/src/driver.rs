@@ -10,6 +10,11 @@
 //! sockets that still had data go on a "still readable" list and the loop polls with a zero
 //! timeout while that list is non-empty, so one busy socket cannot starve the others.
 //! WRITABLE interest is registered only while a connection's queue is non-empty.
+//!
+//! On Linux, UDP is read with `recvmmsg` (32 datagrams per call, see `batch`) and the
+//! datagrams the core forwards are re-sent from the same buffers with one `sendmmsg` per
+//! batch; replies the core generates (STUN, bind answers, TCP→UDP relaying) go out one
+//! `send_to` each. Signals arrive through a self-pipe (see `signals`).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -33,6 +38,7 @@ const UDP_BASE: usize = 16;
 const TCP_FLAG: usize = 1 << 62;
 const HTTP_FLAG: usize = 1 << 61;
 const KEY_MASK: usize = 0xFFFF_FFFF;
+const GENERATION_MASK: u32 = 0x0FFF_FFFF;
 
 /// Datagrams read from one UDP socket per turn before others get a go.
 const UDP_BUDGET: usize = 512;
@@ -70,6 +76,14 @@ struct Driver {
     signals: SignalPipe,
     still_readable: Vec<Token>,
     buf: Vec<u8>,
+    #[cfg(target_os = "linux")]
+    batch: crate::batch::RecvBatch,
+    #[cfg(target_os = "linux")]
+    fwd_which: Vec<usize>,
+    #[cfg(target_os = "linux")]
+    fwd_dest: Vec<SocketAddr>,
+    #[cfg(target_os = "linux")]
+    fwd_src: Vec<usize>,
     shutting_down: bool,
 }
 
@@ -135,6 +149,14 @@ pub fn run(settings: Settings) -> io::Result<()> {
         signals,
         still_readable: Vec::new(),
         buf: vec![0; BUF_LEN],
+        #[cfg(target_os = "linux")]
+        batch: crate::batch::RecvBatch::new(),
+        #[cfg(target_os = "linux")]
+        fwd_which: Vec::with_capacity(crate::batch::BATCH),
+        #[cfg(target_os = "linux")]
+        fwd_dest: Vec::with_capacity(crate::batch::BATCH),
+        #[cfg(target_os = "linux")]
+        fwd_src: Vec::with_capacity(crate::batch::BATCH),
         shutting_down: false,
     };
     driver.run()
@@ -280,6 +302,68 @@ impl Driver {
         (conn.generation as u64 == id.0 >> 32).then_some(id)
     }
 
+    /// Reads one socket's datagrams (at most the per-turn budget), hands each to the core,
+    /// and re-sends the ones the core forwards, batched per source socket.
+    #[cfg(target_os = "linux")]
+    fn read_udp(&mut self, index: usize) {
+        let local = self.udp[index].0;
+        for _ in 0..UDP_BUDGET / crate::batch::BATCH {
+            let n = match self.batch.recv(&self.udp[index].1) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors surface here (ECONNREFUSED etc.); they are not fatal.
+                    trace!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            // Forwards grouped by the relay socket they leave from (almost always one).
+            self.fwd_which.clear();
+            self.fwd_dest.clear();
+            self.fwd_src.clear();
+            for i in 0..n {
+                let from = self.batch.got[i].1;
+                if let Some(fwd) = self
+                    .core
+                    .handle_udp(now, local, from, self.batch.datagram(i))
+                    && let Some(src) = self.udp.iter().position(|(a, _)| *a == fwd.source)
+                {
+                    self.fwd_which.push(i);
+                    self.fwd_dest.push(fwd.destination);
+                    self.fwd_src.push(src);
+                }
+            }
+            if let Some(&first) = self.fwd_src.first() {
+                if self.fwd_src.iter().all(|s| *s == first) {
+                    self.batch
+                        .forward(&self.udp[first].1, &self.fwd_which, &self.fwd_dest);
+                } else {
+                    for src in 0..self.udp.len() {
+                        let (which, dest): (Vec<usize>, Vec<SocketAddr>) = self
+                            .fwd_src
+                            .iter()
+                            .zip(self.fwd_which.iter().zip(&self.fwd_dest))
+                            .filter(|(s, _)| **s == src)
+                            .map(|(_, (w, d))| (*w, *d))
+                            .unzip();
+                        if !which.is_empty() {
+                            self.batch.forward(&self.udp[src].1, &which, &dest);
+                        }
+                    }
+                }
+            }
+            // Keep control replies flowing during a long burst.
+            self.drain_transmits();
+            if n < crate::batch::BATCH {
+                return;
+            }
+        }
+        self.still_readable.push(Token(UDP_BASE + index));
+    }
+
+    #[cfg(not(target_os = "linux"))]
     fn read_udp(&mut self, index: usize) {
         let local = self.udp[index].0;
         for _ in 0..UDP_BUDGET {
@@ -288,7 +372,6 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // ICMP errors surface here (ECONNREFUSED etc.); they are not fatal.
                     trace!(error = %e, "UDP receive error");
                     continue;
                 }
@@ -301,7 +384,6 @@ impl Driver {
             {
                 trace!(error = %e, dest = %fwd.destination, "UDP forward failed");
             }
-            // Keep control replies flowing during a long burst.
             self.drain_transmits();
         }
         self.still_readable.push(Token(UDP_BASE + index));
@@ -313,7 +395,11 @@ impl Driver {
                 Ok((mut stream, remote)) => {
                     let _ = stream.set_nodelay(true);
                     let generation = self.next_generation;
-                    self.next_generation = self.next_generation.wrapping_add(1).max(1);
+                    // 28 bits: generation << 32 must stay clear of the TCP/HTTP flag bits.
+                    self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+                    if self.next_generation == 0 {
+                        self.next_generation = 1;
+                    }
                     let entry = self.conns.vacant_entry();
                     let id = conn_id(entry.key(), generation);
                     if entry.key() > KEY_MASK

@@ -4,6 +4,8 @@
 //! adds the command line and config file ([`settings`]), a single-threaded mio driver
 //! ([`driver`]), the metrics HTTP responder ([`http`]) and signal handling ([`signals`]).
 
+#[cfg(target_os = "linux")]
+mod batch;
 mod driver;
 mod http;
 mod settings;

@@ -54,6 +54,12 @@ pub struct Cli {
     /// Bytes of relayed data queued toward one TCP connection before dropping.
     #[arg(long)]
     pub tcp_queue_bytes: Option<usize>,
+    /// Bytes of relayed data queued toward all TCP connections together.
+    #[arg(long)]
+    pub max_total_queue_bytes: Option<usize>,
+    /// `Connect`/`UpdateCandidates` messages per second per session.
+    #[arg(long)]
+    pub control_msgs_per_sec: Option<u32>,
     /// Largest TCP frame body accepted, bytes.
     #[arg(long)]
     pub max_frame_bytes: Option<usize>,
@@ -120,6 +126,8 @@ impl Settings {
             relay_bytes_per_sec,
             relay_burst_bytes,
             tcp_queue_bytes,
+            max_total_queue_bytes,
+            control_msgs_per_sec,
             max_frame_bytes,
             idle_timeout_secs,
             handshake_timeout_secs

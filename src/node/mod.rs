@@ -221,8 +221,14 @@ pub enum SendError {
 enum Timer {
     /// Periodic re-discovery (roaming: a new reflexive address).
     Rediscover = 0,
+    /// Register now even though STUN has not answered yet.
+    RegisterDeadline = 1,
 }
-const TIMER_COUNT: usize = 1;
+const TIMER_COUNT: usize = 2;
+/// How long `Register` may wait for our reflexive address. Registering with it means the
+/// relay's introductions carry it; without it, a peer's first probes can arrive before
+/// ours left (see `punch`), which a bare masquerade NAT punishes.
+const REGISTER_WAIT: Duration = Duration::from_secs(1);
 /// How often the STUN round repeats to notice a changed mapping.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(120);
 /// Most app pings awaiting a pong.
@@ -264,6 +270,7 @@ pub struct NodeCore {
     nat: NatReport,
     netcheck_wanted: bool,
     advertised: Option<(Vec<Candidate>, NatReport)>,
+    pending_challenge: Option<[u8; 32]>,
 }
 
 impl NodeCore {
@@ -291,6 +298,7 @@ impl NodeCore {
             nat: NatReport::default(),
             netcheck_wanted: false,
             advertised: None,
+            pending_challenge: None,
         }
     }
 
@@ -336,7 +344,7 @@ impl NodeCore {
         let p = self.peers.get(h)?;
         path::choose(path::PathInputs {
             direct: p.punch.direct().map(|d| d.remote),
-            has_channel: p.intro.is_some(),
+            has_channel: p.intro.is_some() && p.channel_live,
             relay_registered: self.session.is_registered(),
             relay_udp: self.session.udp_works(now),
         })
@@ -399,7 +407,7 @@ impl NodeCore {
         let mut udp = Vec::new();
         self.session
             .on_timeout(now, &mut self.rng, &mut actions, &mut udp);
-        self.apply_session(now, actions, udp);
+        self.apply_session(actions, udp);
 
         let mut stun_out = Vec::new();
         self.discovery.on_timeout(now, &mut stun_out);
@@ -411,6 +419,11 @@ impl NodeCore {
             });
         }
         self.check_discovery(now);
+
+        if self.timers[Timer::RegisterDeadline as usize].is_some_and(|t| t <= now) {
+            self.timers[Timer::RegisterDeadline as usize] = None;
+            self.send_register();
+        }
 
         if self.timers[Timer::Rediscover as usize].is_some_and(|t| t <= now) {
             self.timers[Timer::Rediscover as usize] = Some(now + REDISCOVER_EVERY);
@@ -455,9 +468,10 @@ impl NodeCore {
 
     /// The relay TCP connection closed or could not be opened.
     pub fn handle_relay_closed(&mut self, now: Instant) {
+        self.pending_challenge = None;
         let mut actions = Vec::new();
         self.session.on_closed(now, &mut self.rng, &mut actions);
-        self.apply_session(now, actions, Vec::new());
+        self.apply_session(actions, Vec::new());
     }
 
     /// Bytes read from the relay TCP connection.
@@ -466,7 +480,7 @@ impl NodeCore {
         let mut incoming = Vec::new();
         self.session
             .on_tcp_data(now, data, &mut self.rng, &mut actions, &mut incoming);
-        self.apply_session(now, actions, Vec::new());
+        self.apply_session(actions, Vec::new());
         for inc in incoming {
             match inc {
                 Incoming::Control(msg) => self.on_server_msg(now, msg),
@@ -491,7 +505,7 @@ impl NodeCore {
                             debug!("relay forgot our UDP token; re-registering");
                             let mut actions = Vec::new();
                             self.session.reset(now, &mut self.rng, &mut actions);
-                            self.apply_session(now, actions, Vec::new());
+                            self.apply_session(actions, Vec::new());
                         }
                         UdpOutcome::Nothing => {}
                     },
@@ -512,7 +526,11 @@ impl NodeCore {
                 },
                 packet,
             ),
-            PacketClass::Quic => match self.peers.by_direct(from) {
+            PacketClass::Quic => match self
+                .peers
+                .by_direct(from)
+                .or_else(|| self.peers.by_validated(from))
+            {
                 Some(h) => {
                     if let Some(p) = self.peers.get_mut(h) {
                         p.punch.note_received(now, from, &self.cfg.punch);
@@ -647,7 +665,7 @@ impl NodeCore {
 
     // ------------------------------------------------------------------ internals
 
-    fn apply_session(&mut self, now: Instant, actions: Vec<SessionAction>, udp: Vec<Vec<u8>>) {
+    fn apply_session(&mut self, actions: Vec<SessionAction>, udp: Vec<Vec<u8>>) {
         for contents in udp {
             self.transmits.push_back(Transmit {
                 source: None,
@@ -660,18 +678,20 @@ impl NodeCore {
                 SessionAction::Connect(addr) => {
                     self.events.push_back(NodeEvent::ConnectRelayTcp(addr))
                 }
-                SessionAction::Close => self.events.push_back(NodeEvent::CloseRelayTcp),
+                SessionAction::Close => {
+                    self.pending_challenge = None;
+                    self.events.push_back(NodeEvent::CloseRelayTcp)
+                }
                 SessionAction::Lost => {
                     self.advertised = None;
                     self.events.push_back(NodeEvent::RelayLost);
-                    // Relayed paths are gone until re-introduction; say so for peers
-                    // without a direct path.
+                    // Relay channels die with the session; direct paths live on. The
+                    // initiator re-requests introductions after re-registering.
                     for h in self.peers.handles() {
-                        let Some(p) = self.peers.get_mut(h) else {
-                            continue;
-                        };
-                        p.pending_request = None;
-                        let _ = now;
+                        self.peers.clear_channel(h);
+                        if let Some(p) = self.peers.get_mut(h) {
+                            p.pending_request = None;
+                        }
                     }
                 }
             }
@@ -703,6 +723,7 @@ impl NodeCore {
             debug!(%addr, "reflexive address");
             self.reflexive = Some(addr);
         }
+        self.send_register();
         self.maybe_update_candidates(now);
     }
 
@@ -726,6 +747,10 @@ impl NodeCore {
         {
             self.set_reflexive(now, m);
         }
+        if !self.discovery.relay_pending() {
+            // Answered or failed: nothing left to wait for.
+            self.send_register();
+        }
         if let Some(report) = self.discovery.take_report(&self.cfg.local_addrs) {
             self.nat = report.nat;
             if let Some(p) = report.public_addr {
@@ -743,20 +768,12 @@ impl NodeCore {
         match msg {
             ServerMsg::Challenge { nonce, .. } => {
                 if self.session.on_challenge(now) {
-                    let candidates = self.candidates();
-                    let reg = Register {
-                        peer_id: self.peer_id(),
-                        signature: self
-                            .cfg
-                            .identity
-                            .sign(&control::register_signed_bytes(&nonce)),
-                        token: self.cfg.token.clone(),
-                        candidates: candidates.clone(),
-                        nat: self.nat,
-                        agent: self.cfg.agent.clone(),
-                    };
-                    self.session.send_control(&ClientMsg::Register(reg));
-                    self.advertised = Some((candidates, self.nat));
+                    self.pending_challenge = Some(nonce);
+                    if self.reflexive.is_some() || !self.discovery.relay_pending() {
+                        self.send_register();
+                    } else {
+                        self.timers[Timer::RegisterDeadline as usize] = Some(now + REGISTER_WAIT);
+                    }
                 }
             }
             ServerMsg::Registered {
@@ -773,7 +790,7 @@ impl NodeCore {
                     stun_alternate,
                     &mut udp,
                 ) {
-                    self.apply_session(now, Vec::new(), udp);
+                    self.apply_session(Vec::new(), udp);
                     self.events
                         .push_back(NodeEvent::Registered { observed_tcp });
                     self.maybe_update_candidates(now);
@@ -809,16 +826,10 @@ impl NodeCore {
                     && self.peers.get(h).is_some_and(|p| p.id == peer)
                 {
                     self.peers.clear_channel(h);
-                    if let Some(p) = self.peers.get_mut(h) {
-                        if p.punch.direct().is_none() {
-                            p.punch.stop();
-                        }
-                        p.intro = p.intro.map(|mut k| {
-                            // Keep the keys (a direct path still uses them) but make the
-                            // channel unusable by pointing it nowhere.
-                            k.channel = ChannelId(u32::MAX);
-                            k
-                        });
+                    if let Some(p) = self.peers.get_mut(h)
+                        && p.punch.direct().is_none()
+                    {
+                        p.punch.stop();
                     }
                     self.events.push_back(NodeEvent::PeerGone { peer });
                 }
@@ -847,10 +858,44 @@ impl NodeCore {
         }
     }
 
+    fn send_register(&mut self) {
+        let Some(nonce) = self.pending_challenge.take() else {
+            return;
+        };
+        self.timers[Timer::RegisterDeadline as usize] = None;
+        let candidates = self.candidates();
+        let reg = Register {
+            peer_id: self.peer_id(),
+            signature: self
+                .cfg
+                .identity
+                .sign(&control::register_signed_bytes(&nonce)),
+            token: self.cfg.token.clone(),
+            candidates: candidates.clone(),
+            nat: self.nat,
+            agent: self.cfg.agent.clone(),
+        };
+        self.session.send_control(&ClientMsg::Register(reg));
+        self.advertised = Some((candidates, self.nat));
+    }
+
     fn on_introduce(&mut self, now: Instant, intro: control::Introduction) {
         let peer = intro.peer;
         let fam = self.families();
         let h = self.peers.get_or_insert(peer, || new_peer(peer));
+        // A fresh nonce is a new session of the peer (it restarted or reconnected): its old
+        // direct path is stale, and keeping it would send everything into a dead socket
+        // until the path timeout. Forget it and punch again.
+        let old_direct = self
+            .peers
+            .get(h)
+            .filter(|p| p.intro.is_some_and(|k| k.nonce != intro.punch_nonce))
+            .and_then(|p| p.punch.direct().map(|d| d.remote));
+        if old_direct.is_some()
+            && let Some(p) = self.peers.get_mut(h)
+        {
+            p.punch.forget_direct();
+        }
         let keys = IntroKeys {
             channel: intro.channel,
             nonce: intro.punch_nonce,
@@ -869,6 +914,12 @@ impl NodeCore {
             peer,
             role: intro.role,
         });
+        if old_direct.is_some() {
+            self.peers.set_direct(h, old_direct, None);
+            if let Some(path) = self.path_of(now, h) {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }
@@ -920,7 +971,11 @@ impl NodeCore {
         let peer_id = p.id;
         if let Via::Direct { from, .. } = via {
             p.punch.note_received(now, from, &self.cfg.punch);
+            self.peers.validate_addr(h, from);
         }
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
         match (pkt.kind, via) {
             (PunchType::Probe, Via::Direct { local, from }) => {
                 let mut out = Vec::new();
@@ -1013,9 +1068,36 @@ impl NodeCore {
         let path = match u {
             PathUpdate::Direct(a) => Some(PathKind::Direct(a)),
             PathUpdate::Lost => self.path_of(now, h),
+            PathUpdate::RetryDue => {
+                self.retry_punch(now, h);
+                None
+            }
         };
         if let Some(path) = path {
             self.events.push_back(NodeEvent::PathChanged { peer, path });
+        }
+    }
+}
+
+impl NodeCore {
+    /// A punching backoff ran out. With a relay, the initiator asks for a fresh
+    /// introduction (both sides then start at the same moment) and the responder waits for
+    /// it; without one, both restart locally.
+    fn retry_punch(&mut self, now: Instant, h: PeerHandle) {
+        let Some(p) = self.peers.get(h) else { return };
+        let role = p.intro.map(|k| k.role);
+        let via_relay = self.session.is_registered() && p.channel_live;
+        match (via_relay, role) {
+            (true, Some(Role::Initiator)) => {
+                debug!(peer = %p.id.short(), "punch retry: asking for a fresh introduction");
+                self.send_connect(h);
+            }
+            (true, _) => {}
+            (false, _) => {
+                if let Some(p) = self.peers.get_mut(h) {
+                    p.punch.restart(now);
+                }
+            }
         }
     }
 }
@@ -1026,6 +1108,8 @@ fn new_peer(id: PeerId) -> Peer {
         wanted: false,
         pending_request: None,
         intro: None,
+        channel_live: false,
         punch: PunchState::default(),
+        validated: Vec::new(),
     }
 }

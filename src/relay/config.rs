@@ -88,6 +88,16 @@ pub struct Limits {
     pub tcp_queue_bytes: usize,
     /// Extra queue room for control messages beyond [`Limits::tcp_queue_bytes`].
     pub control_headroom_bytes: usize,
+    /// Bytes queued toward all TCP connections together. Past it, relayed data toward TCP
+    /// is dropped (counted as `queue_full`) whatever the per-connection room: it caps the
+    /// relay's memory when many clients stop reading at once.
+    pub max_total_queue_bytes: usize,
+    /// `Connect` and `UpdateCandidates` per second one session may send (token bucket);
+    /// each makes the relay send messages to other nodes, so unlimited they would let one
+    /// node flood its peers' queues.
+    pub control_msgs_per_sec: u32,
+    /// Burst for [`Limits::control_msgs_per_sec`].
+    pub control_msgs_burst: u32,
     /// Largest TCP frame body accepted (at most [`crate::wire::frame::MAX_FRAME_BODY`]).
     pub max_frame_bytes: usize,
     /// A session that sends nothing for this long is closed (`IdleTimeout`). Nodes are told
@@ -108,6 +118,9 @@ impl Default for Limits {
             relay_burst_bytes: 512 * 1024,
             tcp_queue_bytes: 512 * 1024,
             control_headroom_bytes: 128 * 1024,
+            max_total_queue_bytes: 256 * 1024 * 1024,
+            control_msgs_per_sec: 10,
+            control_msgs_burst: 40,
             max_frame_bytes: crate::wire::frame::MAX_FRAME_BODY,
             idle_timeout_secs: 90,
             handshake_timeout_secs: 10,

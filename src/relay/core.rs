@@ -13,7 +13,7 @@ use crate::wire::control::{
     self, Candidate, CandidateKind, ClientMsg, ConnectFailure, ErrorCode, Introduction,
     MAX_CANDIDATES, NatReport, RelayTransport, Role, ServerMsg, UdpMsg,
 };
-use crate::wire::frame::{FrameReader, LENGTH_LEN};
+use crate::wire::frame::{FrameReader, LENGTH_LEN, PREAMBLE};
 use crate::wire::relay_data::{self, ChannelId};
 use crate::wire::{self, PacketClass, PeerId, stun};
 
@@ -21,6 +21,7 @@ use super::config::RelayConfig;
 use super::limits::{RateWindows, TokenBucket};
 use super::metrics::Metrics;
 use super::session::{Registration, Session, SessionState, UdpBinding};
+use super::stun_server::{StunOutcome, StunReply, StunResponder};
 
 /// The driver's handle for one TCP connection. Chosen by the caller (the relay driver packs
 /// a slab key and a generation into it; a simulator may count up). It must not be reused
@@ -98,6 +99,11 @@ enum Inbound {
 ///   [`RelayCore::tcp_outgoing`].
 /// - [`RelayCore::handle_timeout`] whenever `now` passes [`RelayCore::poll_timeout`].
 ///
+/// # TCP session start
+/// The client speaks first: the relay sends `ServerMsg::Challenge` only once the 4-byte
+/// [`PREAMBLE`] has arrived. A connection whose first byte is 0x00/0x01 is STUN over TCP
+/// (RFC 8489 section 6.2.2) and is answered with raw STUN, never a burrow frame.
+///
 /// # Drain order (after each batch of inputs)
 /// 1. Act on `Forward`s as `handle_udp` returns them (same buffer, no copy).
 /// 2. [`RelayCore::poll_transmit`] until `None` (STUN answers, UDP control replies,
@@ -119,7 +125,7 @@ enum Inbound {
 #[derive(Debug)]
 pub struct RelayCore {
     config: RelayConfig,
-    udp_sockets: Vec<SocketAddr>,
+    stun: StunResponder,
     rng: ChaCha20Rng,
     sessions: HashMap<ConnId, Session>,
     /// Sessions not in `Closing` (the number `max_sessions` limits).
@@ -136,6 +142,9 @@ pub struct RelayCore {
     /// while sending to them). Deferred so closing never recurses.
     to_close: Vec<(ConnId, ErrorCode, String)>,
     next_sweep: Instant,
+    /// Bytes in all TCP out queues together (bounded by `max_total_queue_bytes` for
+    /// relayed data).
+    queued_total: usize,
     metrics: Metrics,
     /// Reused buffers: a copy of the current TCP frame, and message encoding.
     frame_scratch: Vec<u8>,
@@ -151,7 +160,7 @@ impl RelayCore {
             config.limits.registrations_per_ip_per_minute,
         );
         RelayCore {
-            udp_sockets: config.udp_sockets(),
+            stun: StunResponder::new(&config),
             config,
             rng,
             sessions: HashMap::new(),
@@ -166,6 +175,7 @@ impl RelayCore {
             events: VecDeque::new(),
             to_close: Vec::new(),
             next_sweep: now + SWEEP_INTERVAL,
+            queued_total: 0,
             metrics: Metrics::default(),
             frame_scratch: Vec::new(),
             encode_scratch: Vec::new(),
@@ -219,7 +229,16 @@ impl RelayCore {
     /// Records that the driver wrote the first `n` bytes of [`RelayCore::tcp_outgoing`].
     pub fn tcp_written(&mut self, conn: ConnId, n: usize) {
         if let Some(s) = self.sessions.get_mut(&conn) {
+            let before = s.out.len();
             s.out.consume(n);
+            self.queued_total = self.queued_total.saturating_sub(before - s.out.len());
+        }
+    }
+
+    /// Forgets a session entirely (after teardown), releasing its queued bytes.
+    fn remove_session(&mut self, conn: ConnId) {
+        if let Some(s) = self.sessions.remove(&conn) {
+            self.queued_total = self.queued_total.saturating_sub(s.out.len());
         }
     }
 
@@ -341,10 +360,17 @@ impl RelayCore {
             _ => {
                 // Relayed data is the first thing to give way: over the queue limit it is
                 // dropped (the nodes' QUIC recovers), and the session stays up.
-                if dst.out.len() + LENGTH_LEN + packet.len() > tcp_queue_bytes {
+                let frame_len = LENGTH_LEN + packet.len();
+                if dst.out.len() + frame_len > tcp_queue_bytes {
                     self.metrics.drop_queue_full += 1;
                     return None;
                 }
+                if self.queued_total + frame_len > self.config.limits.max_total_queue_bytes {
+                    self.metrics.drop_queue_full += 1;
+                    self.metrics.limit_total_queue += 1;
+                    return None;
+                }
+                self.queued_total += frame_len;
                 let was_empty = dst.out.is_empty();
                 dst.out.push_frame(packet);
                 if was_empty {
@@ -452,129 +478,23 @@ impl RelayCore {
     // -----------------------------------------------------------------------------------
 
     fn handle_stun(&mut self, local: SocketAddr, from: SocketAddr, packet: &[u8]) {
-        let Some(request) = stun::parse_binding_request(packet) else {
-            // RFC 8489 section 6.3: malformed messages and non-requests are discarded.
-            trace!(%from, "dropping malformed or non-Binding STUN message");
-            self.metrics.drop_malformed += 1;
-            return;
-        };
+        match self.stun.answer(local, from, packet, false) {
+            StunOutcome::Dropped => self.metrics.drop_malformed += 1,
+            StunOutcome::Unanswerable => self.metrics.stun_requests += 1,
+            StunOutcome::Answered(reply) => {
+                self.count_stun_reply(&reply);
+                self.push_transmit(reply.source, reply.destination, reply.bytes);
+            }
+        }
+    }
+
+    fn count_stun_reply(&mut self, reply: &StunReply) {
         self.metrics.stun_requests += 1;
-        trace!(%from, %local, change = ?request.change, modern = request.modern, "STUN Binding request");
-        let mut buf = [0u8; stun::MAX_BINDING_LEN];
-        if !request.modern {
-            // RFC 3489 client: MAPPED-ADDRESS only, full 16-byte transaction ID echoed.
-            match stun::classic_binding_success_raw(packet, from, &mut buf) {
-                Ok(n) => {
-                    self.metrics.stun_responses += 1;
-                    self.push_transmit(local, from, buf[..n].to_vec());
-                }
-                Err(e) => trace!(%from, error = %e, "cannot answer classic STUN request"),
-            }
-            return;
-        }
-        if !request.unknown_required.is_empty() {
-            // RFC 8489 section 6.3.1.1: unknown comprehension-required attributes → 420 with
-            // UNKNOWN-ATTRIBUTES listing them.
-            let unknown = request.unknown_required.clone();
-            self.stun_error(&request, local, from, 420, "Unknown Attribute", &unknown);
-            return;
-        }
-        let mut source = local;
-        if let Some(change) = request.change
-            && (change.ip || change.port)
-        {
-            match self.changed_socket(local, change) {
-                Some(s) => source = s,
-                None => {
-                    // RFC 5780 section 6.1: a CHANGE-REQUEST the server cannot honour is
-                    // answered with 420 listing CHANGE-REQUEST (0x0003).
-                    self.stun_error(&request, local, from, 420, "Unknown Attribute", &[0x0003]);
-                    return;
-                }
-            }
-        }
-        let (origin, other) = match self.other_socket(local) {
-            Some(other) => (Some(source), Some(other)),
-            None => (None, None),
-        };
-        // RFC 5780 section 7.5: with RESPONSE-PORT, answer the request's source IP at that
-        // port (the mapped address stays the request's source).
-        let destination = match request.response_port {
-            Some(port) if port != 0 => SocketAddr::new(from.ip(), port),
-            _ => from,
-        };
-        match stun::binding_success(&request, from, origin, other, &mut buf) {
-            Ok(n) => {
-                self.metrics.stun_responses += 1;
-                trace!(%from, %source, %destination, "STUN Binding success");
-                self.push_transmit(source, destination, buf[..n].to_vec());
-            }
-            Err(e) => debug!(%from, error = %e, "cannot encode STUN response"),
-        }
-    }
-
-    fn stun_error(
-        &mut self,
-        request: &stun::BindingRequest,
-        local: SocketAddr,
-        from: SocketAddr,
-        code: u16,
-        reason: &str,
-        unknown: &[u16],
-    ) {
-        let mut buf = [0u8; stun::MAX_BINDING_LEN];
-        if let Ok(n) = stun::binding_error(request, code, reason, unknown, &mut buf) {
+        if reply.is_error {
             self.metrics.stun_errors += 1;
-            self.push_transmit(local, from, buf[..n].to_vec());
-        }
-    }
-
-    /// The (alternate IP, alternate port) pair for `local`: RFC 5780 OTHER-ADDRESS.
-    fn other_socket(&self, local: SocketAddr) -> Option<SocketAddr> {
-        let alt = self.config.alt_listen?;
-        let primary = self.config.listen;
-        let ip = if local.ip() == primary.ip() {
-            alt.ip()
         } else {
-            primary.ip()
-        };
-        let port = if local.port() == primary.port() {
-            alt.port()
-        } else {
-            primary.port()
-        };
-        let other = SocketAddr::new(ip, port);
-        (other != local && self.udp_sockets.contains(&other)).then_some(other)
-    }
-
-    /// The socket a CHANGE-REQUEST asks to answer from, if the relay has it.
-    fn changed_socket(&self, local: SocketAddr, change: stun::Change) -> Option<SocketAddr> {
-        let alt = self.config.alt_listen?;
-        let primary = self.config.listen;
-        let mut ip = local.ip();
-        let mut port = local.port();
-        if change.ip {
-            if primary.ip() == alt.ip() {
-                return None;
-            }
-            ip = if ip == primary.ip() {
-                alt.ip()
-            } else {
-                primary.ip()
-            };
+            self.metrics.stun_responses += 1;
         }
-        if change.port {
-            if primary.port() == alt.port() {
-                return None;
-            }
-            port = if port == primary.port() {
-                alt.port()
-            } else {
-                primary.port()
-            };
-        }
-        let s = SocketAddr::new(ip, port);
-        self.udp_sockets.contains(&s).then_some(s)
     }
 
     // -----------------------------------------------------------------------------------
@@ -625,22 +545,91 @@ impl RelayCore {
             );
             return;
         }
-        trace!(%remote, ?conn, "TCP session accepted; challenge sent");
-        let token_required = !self.config.tokens.is_empty();
-        self.send(
-            conn,
-            &ServerMsg::Challenge {
-                nonce,
-                token_required,
-            },
-        );
+        // The challenge waits for the client's preamble: the client speaks first, so a
+        // STUN-over-TCP client on the same port never sees a burrow frame.
+        trace!(%remote, ?conn, "TCP session accepted");
+        let _ = nonce;
         self.flush_closes(now);
+    }
+
+    /// Consumes preamble bytes from the front of `data`; sends the challenge once the whole
+    /// preamble is in. Returns the rest, or `None` if the session was closed.
+    fn take_preamble<'a>(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        mut data: &'a [u8],
+    ) -> Option<&'a [u8]> {
+        let s = self.sessions.get_mut(&conn)?;
+        while s.preamble_seen < PREAMBLE.len() {
+            let Some(&byte) = data.first() else {
+                return Some(data);
+            };
+            if byte != PREAMBLE[s.preamble_seen] {
+                self.metrics.protocol_violations += 1;
+                let why = if s.preamble_seen == PREAMBLE.len() - 1 {
+                    format!(
+                        "unsupported wire version {byte} (this relay speaks {})",
+                        wire::WIRE_VERSION
+                    )
+                } else {
+                    "not a burrow TCP stream".to_string()
+                };
+                debug!(?conn, %why, "bad preamble");
+                self.close(now, conn, Some((ErrorCode::ProtocolViolation, why)));
+                return None;
+            }
+            s.preamble_seen += 1;
+            data = &data[1..];
+        }
+        if !s.challenge_sent {
+            s.challenge_sent = true;
+            if let SessionState::Challenged { nonce, .. } = s.state {
+                let token_required = !self.config.tokens.is_empty();
+                self.send(
+                    conn,
+                    &ServerMsg::Challenge {
+                        nonce,
+                        token_required,
+                    },
+                );
+            }
+        }
+        Some(data)
     }
 
     /// Bytes arrived on `conn`. Any amount, split anywhere; at most one frame is buffered.
     pub fn handle_tcp_data(&mut self, now: Instant, conn: ConnId, mut data: &[u8]) {
         let mut frame = std::mem::take(&mut self.frame_scratch);
         let max_frame = self.config.limits.max_frame_bytes;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if s.is_closing() {
+            trace!(
+                ?conn,
+                len = data.len(),
+                "ignoring data on a closing session"
+            );
+            return;
+        }
+        s.last_heard = now;
+        if s.preamble_seen == 0
+            && (s.stun_tcp.is_some() || data.first().is_some_and(|b| *b <= 0x01))
+        {
+            self.handle_stun_tcp(now, conn, data);
+            self.flush_closes(now);
+            return;
+        }
+        if s.preamble_seen < PREAMBLE.len() {
+            match self.take_preamble(now, conn, data) {
+                Some(rest) => data = rest,
+                None => {
+                    self.flush_closes(now);
+                    return;
+                }
+            }
+        }
         while let Some(s) = self.sessions.get_mut(&conn) {
             if s.is_closing() {
                 trace!(
@@ -651,7 +640,7 @@ impl RelayCore {
                 break;
             }
             s.last_heard = now;
-            let reader = s.reader.get_or_insert_with(|| FrameReader::new(true));
+            let reader = s.reader.get_or_insert_with(|| FrameReader::new(false));
             match reader.next_frame() {
                 Ok(Some(f)) if f.len() > max_frame => {
                     self.metrics.limit_frame_size += 1;
@@ -696,6 +685,70 @@ impl RelayCore {
         self.flush_closes(now);
     }
 
+    /// STUN over TCP (RFC 8489 section 6.2.2): messages back to back, each 20 header bytes
+    /// plus the length in the header. Answers go back raw on the same connection. The
+    /// session stays unregistered and ends at the handshake timeout.
+    fn handle_stun_tcp(&mut self, now: Instant, conn: ConnId, mut data: &[u8]) {
+        /// Largest STUN message taken over TCP; a Binding request is far smaller.
+        const MAX_STUN_TCP: usize = 1024;
+        let queue_limit = self.config.limits.tcp_queue_bytes;
+        while !data.is_empty() {
+            let Some(s) = self.sessions.get_mut(&conn) else {
+                return;
+            };
+            if s.is_closing() {
+                return;
+            }
+            let (local, remote) = (s.local, s.remote);
+            let buf = s.stun_tcp.get_or_insert_with(Vec::new);
+            let n = data.len().min(MAX_STUN_TCP * 2 - buf.len());
+            buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            loop {
+                let Some(s) = self.sessions.get_mut(&conn) else {
+                    return;
+                };
+                let Some(buf) = s.stun_tcp.as_mut() else {
+                    return;
+                };
+                if buf.len() < stun::HEADER_LEN {
+                    break;
+                }
+                let len = stun::HEADER_LEN + u16::from_be_bytes([buf[2], buf[3]]) as usize;
+                if len > MAX_STUN_TCP || buf[0] > 0x01 {
+                    self.metrics.drop_malformed += 1;
+                    self.close(now, conn, None);
+                    return;
+                }
+                if buf.len() < len {
+                    break;
+                }
+                let message: Vec<u8> = buf.drain(..len).collect();
+                match self.stun.answer(local, remote, &message, true) {
+                    StunOutcome::Answered(reply) => {
+                        self.count_stun_reply(&reply);
+                        let Some(s) = self.sessions.get_mut(&conn) else {
+                            return;
+                        };
+                        if s.out.len() + reply.bytes.len() > queue_limit {
+                            self.metrics.limit_too_slow += 1;
+                            self.close(now, conn, None);
+                            return;
+                        }
+                        let was_empty = s.out.is_empty();
+                        s.out.push_raw(&reply.bytes);
+                        self.queued_total += reply.bytes.len();
+                        if was_empty {
+                            self.events.push_back(Event::TcpWrite(conn));
+                        }
+                    }
+                    StunOutcome::Unanswerable => self.metrics.stun_requests += 1,
+                    StunOutcome::Dropped => self.metrics.drop_malformed += 1,
+                }
+            }
+        }
+    }
+
     /// The driver closed `conn` (peer closed, error, or after `Event::TcpClose`). The core
     /// forgets it; its channels' other ends get `PeerGone`.
     pub fn handle_tcp_closed(&mut self, now: Instant, conn: ConnId) {
@@ -704,7 +757,7 @@ impl RelayCore {
                 trace!(?conn, "TCP connection closed by the driver");
                 self.teardown(conn, now);
             }
-            self.sessions.remove(&conn);
+            self.remove_session(conn);
         }
         self.flush_closes(now);
     }
@@ -756,7 +809,22 @@ impl RelayCore {
             ClientMsg::Register(r) if !registered => self.register(now, conn, r),
             _ if !registered => self.violation(now, conn, "register first"),
             ClientMsg::Register(_) => self.violation(now, conn, "already registered"),
+            ClientMsg::Connect { peer, request_id } if !self.control_allowed(now, conn) => {
+                self.metrics.connects_failed += 1;
+                self.send(
+                    conn,
+                    &ServerMsg::ConnectFailed {
+                        peer,
+                        request_id,
+                        reason: ConnectFailure::RateLimited,
+                        message: "too many requests; slow down".into(),
+                    },
+                );
+            }
             ClientMsg::Connect { peer, request_id } => self.connect(now, conn, peer, request_id),
+            ClientMsg::UpdateCandidates { .. } if !self.control_allowed(now, conn) => {
+                trace!(?conn, "UpdateCandidates over the control rate; ignored");
+            }
             ClientMsg::UpdateCandidates { candidates, nat } => {
                 if let Some(reg) = self
                     .sessions
@@ -798,6 +866,19 @@ impl RelayCore {
                 }
             }
         }
+    }
+
+    /// Takes one message from the session's control bucket; counts a limit hit if empty.
+    fn control_allowed(&mut self, now: Instant, conn: ConnId) -> bool {
+        let ok = self
+            .sessions
+            .get_mut(&conn)
+            .and_then(|s| s.registration_mut())
+            .is_some_and(|r| r.control_bucket.try_take(now, 1));
+        if !ok {
+            self.metrics.limit_control_rate += 1;
+        }
+        ok
     }
 
     fn peer_of(&self, conn: ConnId) -> Option<PeerId> {
@@ -887,6 +968,11 @@ impl RelayCore {
             udp: None,
             channels: Vec::new(),
             bucket: TokenBucket::new(limits.relay_bytes_per_sec, limits.relay_burst_bytes, now),
+            control_bucket: TokenBucket::new(
+                limits.control_msgs_per_sec as u64,
+                limits.control_msgs_burst as u64,
+                now,
+            ),
         };
         let keepalive_secs = limits.keepalive_secs();
         let Some(s) = self.sessions.get_mut(&conn) else {
@@ -1109,6 +1195,7 @@ impl RelayCore {
         }
         let was_empty = s.out.is_empty();
         s.out.push_frame(&self.encode_scratch);
+        self.queued_total += LENGTH_LEN + self.encode_scratch.len();
         if was_empty {
             self.events.push_back(Event::TcpWrite(conn));
         }
@@ -1123,7 +1210,10 @@ impl RelayCore {
         if s.is_closing() {
             return;
         }
-        if let Some((code, message)) = error {
+        // A STUN-over-TCP client would not understand a burrow Error frame.
+        if let Some((code, message)) = error
+            && s.stun_tcp.is_none()
+        {
             // The final message ignores the queue limit: it is one small frame, and the
             // session is forgotten right after.
             self.encode_scratch.clear();
@@ -1134,6 +1224,7 @@ impl RelayCore {
             .is_ok()
             {
                 s.out.push_frame(&self.encode_scratch);
+                self.queued_total += LENGTH_LEN + self.encode_scratch.len();
             }
         }
         self.teardown(conn, now);
@@ -1243,7 +1334,7 @@ impl RelayCore {
             self.close(now, conn, Some((code, message.into())));
         }
         for conn in forget {
-            self.sessions.remove(&conn);
+            self.remove_session(conn);
         }
         self.registration_rate.prune(now);
         self.flush_closes(now);

@@ -85,6 +85,10 @@ pub struct Metrics {
     pub limit_channels: u64,
     /// Limit hit: session disconnected because it did not read its queue (`TooSlow`).
     pub limit_too_slow: u64,
+    /// Limit hit: `Connect`/`UpdateCandidates` over the per-session control rate.
+    pub limit_control_rate: u64,
+    /// Limit hit: relayed data dropped because all TCP queues together are full.
+    pub limit_total_queue: u64,
     /// Limit hit: frame over `max_frame_bytes` (connection closed).
     pub limit_frame_size: u64,
     /// Limit hit: handshake timeout.
@@ -251,6 +255,8 @@ impl Metrics {
             ("registration_rate", self.limit_registration_rate),
             ("channels", self.limit_channels),
             ("too_slow", self.limit_too_slow),
+            ("control_rate", self.limit_control_rate),
+            ("total_queue", self.limit_total_queue),
             ("frame_size", self.limit_frame_size),
             ("handshake_timeout", self.limit_handshake_timeout),
             ("idle_timeout", self.limit_idle_timeout),

@@ -6,6 +6,7 @@
 //! - [`core`]: [`RelayCore`], the whole relay (sessions, channels, UDP bindings, STUN).
 //! - [`session`]: one TCP control session (Challenge → Register → Registered → Closing)
 //!   and its bounded outgoing byte queue.
+//! - [`stun_server`]: the STUN Binding responder (stateless).
 //! - [`limits`]: token buckets and per-IP rate windows.
 //! - [`metrics`]: counters as plain integers and their Prometheus text rendering.
 //! - [`config`]: [`RelayConfig`] and [`Limits`] with their defaults.
@@ -15,10 +16,15 @@ pub mod core;
 pub mod limits;
 pub mod metrics;
 pub mod session;
+pub mod stun_server;
 
 pub use self::config::{Limits, RelayConfig};
 pub use self::core::{ConnId, Event, Forward, RelayCore, Transmit};
 pub use self::metrics::Metrics;
 
+/// Scenarios of the real node core against the real relay core in the simulator (the
+/// adapter is `crate::sim::RealRelay`).
+#[cfg(test)]
+mod sim_tests;
 #[cfg(test)]
 mod tests;

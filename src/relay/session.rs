@@ -48,6 +48,11 @@ impl OutQueue {
         &self.buf[self.start..]
     }
 
+    /// Appends raw bytes (STUN over TCP has no burrow framing).
+    pub fn push_raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// Appends a frame: length prefix and body.
     pub fn push_frame(&mut self, body: &[u8]) {
         self.buf
@@ -103,6 +108,8 @@ pub struct Registration {
     pub channels: Vec<ChannelId>,
     /// Relay bandwidth it may still send.
     pub bucket: TokenBucket,
+    /// `Connect` / `UpdateCandidates` it may still send (in messages).
+    pub control_bucket: TokenBucket,
 }
 
 /// Where a session is in its life.
@@ -142,6 +149,15 @@ pub struct Session {
     pub out: OutQueue,
     /// Last time anything arrived from this node (TCP bytes or UDP packets).
     pub last_heard: Instant,
+    /// Set when the connection turned out to be STUN over TCP (RFC 8489 section 6.2.2:
+    /// first byte 0x00 or 0x01 instead of the burrow preamble): the bytes of an incomplete
+    /// STUN message. Such a session never registers; it is answered and times out.
+    pub stun_tcp: Option<Vec<u8>>,
+    /// How many bytes of the burrow preamble have arrived (the challenge goes out once all
+    /// four have: the client speaks first).
+    pub preamble_seen: usize,
+    /// Whether the challenge went out.
+    pub challenge_sent: bool,
 }
 
 impl Session {
@@ -165,6 +181,9 @@ impl Session {
             reader: None,
             out: OutQueue::default(),
             last_heard: now,
+            stun_tcp: None,
+            preamble_seen: 0,
+            challenge_sent: false,
         }
     }
 

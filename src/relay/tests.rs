@@ -1163,3 +1163,140 @@ fn stun_response_port_redirects_to_the_same_ip() {
         client
     );
 }
+
+#[test]
+fn stun_over_tcp_is_answered_on_the_connection() {
+    let mut h = Harness::new();
+    let c = ConnId(500);
+    let client = addr("203.0.113.7:40001");
+    h.core.handle_tcp_accepted(h.now, c, client, h.relay);
+    h.pump();
+    let mut req = [0u8; 64];
+    let n = stun::binding_request([9; 12], None, &mut req).unwrap();
+    let mut two = req[..n].to_vec();
+    two.extend_from_slice(&req[..n]);
+    // Split across calls.
+    h.core.handle_tcp_data(h.now, c, &two[..5]);
+    h.core.handle_tcp_data(h.now, c, &two[5..]);
+    let bytes = h.core.tcp_outgoing(c).to_vec();
+    h.core.tcp_written(c, bytes.len());
+    // The relay speaks only after the client: nothing but STUN answers came back.
+    let rest = &bytes[..];
+    let first_len = 20 + u16::from_be_bytes([rest[2], rest[3]]) as usize;
+    let resp = stun::parse_binding_response(&rest[..first_len]).unwrap();
+    assert_eq!(resp.mapped, client);
+    assert_eq!(rest.len(), 2 * first_len);
+    assert_eq!(h.core.metrics().stun_responses, 2);
+    // Garbage after it closes the connection without a burrow Error frame.
+    h.core.handle_tcp_data(h.now, c, &[0xff; 40]);
+    h.pump();
+    assert!(h.closed.contains(&c));
+}
+
+#[test]
+fn control_message_rate_per_session() {
+    let mut h = Harness::with(|c| {
+        c.limits.control_msgs_per_sec = 1;
+        c.limits.control_msgs_burst = 3;
+    });
+    let (ida, idb) = ids();
+    let (a, _) = h.register(&ida);
+    let _ = idb;
+    let mut limited = 0;
+    for i in 0..6 {
+        h.send(
+            a,
+            &ClientMsg::Connect {
+                peer: idb.peer_id(),
+                request_id: i,
+            },
+        );
+        for m in h.take_msgs(a) {
+            if let ServerMsg::ConnectFailed {
+                reason: ConnectFailure::RateLimited,
+                ..
+            } = m
+            {
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!(limited, 3);
+    assert_eq!(h.core.metrics().limit_control_rate, 3);
+    h.advance(Duration::from_secs(1));
+    h.send(
+        a,
+        &ClientMsg::Connect {
+            peer: idb.peer_id(),
+            request_id: 99,
+        },
+    );
+    assert!(matches!(
+        h.take_msgs(a).as_slice(),
+        [ServerMsg::ConnectFailed {
+            reason: ConnectFailure::UnknownPeer,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn total_queue_limit_caps_memory_across_connections() {
+    let mut h = Harness::with(|c| {
+        c.limits.tcp_queue_bytes = 100_000;
+        c.limits.max_total_queue_bytes = 5_000;
+    });
+    let (ida, idb) = ids();
+    let (_, b, ch) = h.pair(&ida, &idb);
+    h.send(
+        b,
+        &ClientMsg::SetRelayTransport {
+            transport: RelayTransport::Tcp,
+        },
+    );
+    h.stalled.insert(b);
+    let pkt = data(ch, &[1; 992]);
+    for _ in 0..10 {
+        h.udp(addr(UDP_A), &pkt);
+    }
+    let m = h.core.metrics();
+    assert_eq!(m.relayed_packets_udp_tcp, 4);
+    assert_eq!(m.limit_total_queue, 6);
+    // Once B reads, room comes back.
+    h.unstall(b);
+    assert!(h.udp(addr(UDP_A), &pkt).is_none());
+    assert_eq!(h.core.metrics().relayed_packets_udp_tcp, 5);
+}
+
+#[test]
+fn challenge_waits_for_the_whole_preamble() {
+    let mut h = Harness::new();
+    let c = ConnId(600);
+    h.core
+        .handle_tcp_accepted(h.now, c, addr("198.51.100.50:1"), h.relay);
+    h.pump();
+    assert!(h.core.tcp_outgoing(c).is_empty());
+    for b in &PREAMBLE[..3] {
+        h.send_raw(c, &[*b]);
+        assert!(h.take_msgs(c).is_empty());
+    }
+    h.send_raw(c, &PREAMBLE[3..]);
+    assert!(matches!(
+        h.take_msgs(c).as_slice(),
+        [ServerMsg::Challenge { .. }]
+    ));
+    // A client of another wire version is told why.
+    let c = ConnId(601);
+    h.core
+        .handle_tcp_accepted(h.now, c, addr("198.51.100.50:2"), h.relay);
+    h.send_raw(c, b"BRW\x07");
+    match h.take_msgs(c).as_slice() {
+        [
+            ServerMsg::Error {
+                code: ErrorCode::ProtocolViolation,
+                message,
+            },
+        ] => assert!(message.contains("version 7"), "{message}"),
+        o => panic!("{o:?}"),
+    }
+}
