@@ -274,6 +274,8 @@ pub struct NodeCore {
     /// Counts registrations, to tell a relay restart from a peer restart (see
     /// `on_introduce`).
     relay_epoch: u64,
+    /// Whether confirmed direct paths carry traffic (see [`NodeCore::set_direct_allowed`]).
+    direct_allowed: bool,
 }
 
 impl NodeCore {
@@ -301,6 +303,7 @@ impl NodeCore {
             nat: NatReport::default(),
             netcheck_wanted: false,
             advertised: None,
+            direct_allowed: true,
             pending_challenge: None,
             relay_epoch: 0,
         }
@@ -333,6 +336,31 @@ impl NodeCore {
         self.nat
     }
 
+    /// Lets confirmed direct paths carry traffic (the default) or holds them back so that
+    /// everything stays on the relay while punching and keepalives go on underneath. Used to
+    /// measure the relay path (`burrow demo`, benchmarks) and by operators who want relayed
+    /// traffic only. Emits [`NodeEvent::PathChanged`] for every peer whose path changes.
+    pub fn set_direct_allowed(&mut self, now: Instant, allowed: bool) {
+        if self.direct_allowed == allowed {
+            return;
+        }
+        let before: Vec<_> = self
+            .peers
+            .handles()
+            .into_iter()
+            .map(|h| (h, self.path_of(now, h)))
+            .collect();
+        self.direct_allowed = allowed;
+        for (h, old) in before {
+            let new = self.path_of(now, h);
+            if new != old
+                && let (Some(path), Some(peer)) = (new, self.peers.get(h).map(|p| p.id))
+            {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
+    }
+
     /// The current path to a peer, `None` when there is none.
     pub fn path(&self, now: Instant, peer: &PeerId) -> Option<PathKind> {
         let h = self.peers.by_id(peer)?;
@@ -347,7 +375,11 @@ impl NodeCore {
     fn path_of(&self, now: Instant, h: PeerHandle) -> Option<PathKind> {
         let p = self.peers.get(h)?;
         path::choose(path::PathInputs {
-            direct: p.punch.direct().map(|d| d.remote),
+            direct: p
+                .punch
+                .direct()
+                .map(|d| d.remote)
+                .filter(|_| self.direct_allowed),
             has_channel: p.intro.is_some() && p.channel_live,
             relay_registered: self.session.is_registered(),
             relay_udp: self.session.udp_works(now),
@@ -1079,6 +1111,7 @@ impl NodeCore {
             return;
         };
         let path = match u {
+            PathUpdate::Direct(_) if !self.direct_allowed => None,
             PathUpdate::Direct(a) => Some(PathKind::Direct(a)),
             PathUpdate::Lost => self.path_of(now, h),
             PathUpdate::RetryDue => {
