@@ -21,7 +21,16 @@ use super::protocol::{
     CODE_ABORTED, CODE_REJECTED, FramePoll, FrameReader, OutBuf, Reason, Reply, Request,
     decode_reply, encode_reply, encode_request,
 };
-use crate::transport::{ConnectionHandle, Dir, Event, StreamId, StreamRead, Transport};
+use crate::transport::{
+    CLOSE_NORMAL, ConnectionError, ConnectionHandle, Dir, Event, LostReason, StreamId, StreamRead,
+    Transport,
+};
+
+/// Whether the peer closed the connection with [`CLOSE_NORMAL`].
+fn closed_normally_by_peer(reason: &LostReason) -> bool {
+    matches!(reason, LostReason::Quic(ConnectionError::ApplicationClosed(close))
+        if close.error_code.into_inner() == u64::from(CLOSE_NORMAL))
+}
 
 /// Why a pipe ended badly.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,6 +211,12 @@ impl Pipe {
             Event::ConnectionLost {
                 conn, ref reason, ..
             } if conn == self.conn => {
+                if self.fin_sent && self.peer_eof && closed_normally_by_peer(reason) {
+                    // The peer finished its side, and it is only done once it read our EOF:
+                    // its normal close means everything arrived, even if the ACK of our FIN
+                    // did not make it before the close.
+                    self.fin_acked = true;
+                }
                 if !self.is_finished() && self.error.is_none() {
                     self.error = Some(PipeError::ConnectionLost(reason.to_string()));
                 }
