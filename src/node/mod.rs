@@ -271,6 +271,9 @@ pub struct NodeCore {
     netcheck_wanted: bool,
     advertised: Option<(Vec<Candidate>, NatReport)>,
     pending_challenge: Option<[u8; 32]>,
+    /// Counts registrations, to tell a relay restart from a peer restart (see
+    /// `on_introduce`).
+    relay_epoch: u64,
 }
 
 impl NodeCore {
@@ -299,6 +302,7 @@ impl NodeCore {
             netcheck_wanted: false,
             advertised: None,
             pending_challenge: None,
+            relay_epoch: 0,
         }
     }
 
@@ -793,6 +797,7 @@ impl NodeCore {
                     self.apply_session(Vec::new(), udp);
                     self.events
                         .push_back(NodeEvent::Registered { observed_tcp });
+                    self.relay_epoch += 1;
                     self.maybe_update_candidates(now);
                     // Re-request introductions for peers we want (after a relay restart).
                     for h in self.peers.handles() {
@@ -850,8 +855,9 @@ impl NodeCore {
                 if let Some(h) = self.peers.by_channel(channel)
                     && let Some(p) = self.peers.get_mut(h)
                     && p.id == peer
-                    && p.punch.direct().is_none()
                 {
+                    // Keep them even while a direct path works: when it dies (the peer
+                    // roamed), the next attempt must aim at the new addresses.
                     p.punch.start(now, &candidates, nat, fam);
                 }
             }
@@ -883,14 +889,21 @@ impl NodeCore {
         let peer = intro.peer;
         let fam = self.families();
         let h = self.peers.get_or_insert(peer, || new_peer(peer));
-        // A fresh nonce is a new session of the peer (it restarted or reconnected): its old
-        // direct path is stale, and keeping it would send everything into a dead socket
-        // until the path timeout. Forget it and punch again.
+        // A fresh nonce within the same relay session is a new session of the peer (it
+        // restarted or reconnected): its old direct path is stale, and keeping it would send
+        // everything into a dead socket until the path timeout. Forget it and punch again.
+        // A re-introduction after *our* relay session was re-established (relay restart) is
+        // not: the direct path kept working through the outage and stays.
+        let epoch = self.relay_epoch;
         let old_direct = self
             .peers
             .get(h)
+            .filter(|p| p.intro_epoch == epoch)
             .filter(|p| p.intro.is_some_and(|k| k.nonce != intro.punch_nonce))
             .and_then(|p| p.punch.direct().map(|d| d.remote));
+        if let Some(p) = self.peers.get_mut(h) {
+            p.intro_epoch = epoch;
+        }
         if old_direct.is_some()
             && let Some(p) = self.peers.get_mut(h)
         {
@@ -1111,5 +1124,6 @@ fn new_peer(id: PeerId) -> Peer {
         channel_live: false,
         punch: PunchState::default(),
         validated: Vec::new(),
+        intro_epoch: 0,
     }
 }
