@@ -13,7 +13,10 @@ fn demo_goes_relay_then_direct_and_prints_a_summary() {
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("QUIC connected via relay-udp"), "{stdout}");
     assert!(stdout.contains("path: direct 127.0.0.1:"), "{stdout}");
-    assert!(stdout.contains("(1 handshake), path changes: relay-udp → direct"), "{stdout}");
+    assert!(
+        stdout.contains("(1 handshake), path changes: relay-udp → direct"),
+        "{stdout}"
+    );
     // The summary table has one row per path, each with data moved.
     let rows: Vec<&str> = stdout
         .lines()
@@ -22,7 +25,13 @@ fn demo_goes_relay_then_direct_and_prints_a_summary() {
     assert_eq!(rows.len(), 2, "{stdout}");
     assert!(rows[0].contains("via relay-udp") && rows[1].contains("direct 127.0.0.1:"));
     for row in rows {
-        let moved: f64 = row.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
+        let moved: f64 = row
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(moved > 0.0, "no data on {row}");
     }
 }

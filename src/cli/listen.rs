@@ -13,7 +13,7 @@ use burrow::transport::{Event, Transport};
 use burrow::wire::PeerId;
 use clap::Args;
 
-use super::stdio::{Input, StdinReader, StdoutWriter};
+use super::stdio::{StdinReader, StdoutWriter, pump_pipe};
 use super::{NodeArgs, describe_path, parse_allow};
 
 /// `burrow listen` options.
@@ -101,37 +101,8 @@ impl ListenService {
     }
 
     fn pump_pipe(&mut self, transport: &mut Transport) {
-        let Some(pipe) = self.listener.pipe_mut() else {
-            return;
-        };
-        if let Some(stdin) = self.stdin.as_mut() {
-            loop {
-                match stdin.next() {
-                    Input::Data(d) => {
-                        let n = pipe.push_input(transport, d);
-                        if n == 0 {
-                            break;
-                        }
-                        stdin.consumed(n);
-                    }
-                    Input::Eof => {
-                        pipe.input_eof(transport);
-                        self.stdin = None;
-                        break;
-                    }
-                    Input::Empty => break,
-                }
-            }
-        }
-        if let Some(out) = self.stdout.as_mut() {
-            while out.ready() {
-                let Some(chunk) = pipe.poll_output() else {
-                    break;
-                };
-                if !out.offer(chunk) {
-                    break;
-                }
-            }
+        if let (Some(pipe), Some(out)) = (self.listener.pipe_mut(), self.stdout.as_mut()) {
+            pump_pipe(pipe, transport, &mut self.stdin, out);
         }
     }
 }

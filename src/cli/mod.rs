@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dial;
 mod listen;
 mod netcheck;
 mod ping;
