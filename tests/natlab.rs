@@ -437,29 +437,36 @@ fn report(title: &str, outcomes: &[Outcome]) {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Replaces (or adds) the section `## title` of the results file.
+/// Replaces the section `## title` of the results file in place (or appends it), keeping
+/// everything else (the preamble, the other sections).
 fn results_file_section(path: &str, title: &str, body: &str) {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap();
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    let header = format!("## {title}\n");
+    let header = format!("## {title}");
+    let section = format!("{header}\n\n{body}\n");
     let mut out = String::new();
     let mut skipping = false;
+    let mut replaced = false;
     for line in old.lines() {
         if line.starts_with("## ") {
-            skipping = line.trim_end() == header.trim_end();
+            skipping = line.trim_end() == header;
+            if skipping {
+                out.push_str(&section);
+                replaced = true;
+            }
         }
         if !skipping {
             out.push_str(line);
             out.push('\n');
         }
     }
-    if !out.is_empty() && !out.ends_with("\n\n") {
-        out.push('\n');
+    if !replaced {
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        out.push_str(&section);
     }
-    out.push_str(&header);
-    out.push('\n');
-    out.push_str(body);
     std::fs::write(path, out).expect("write the results file");
 }
 
