@@ -146,7 +146,7 @@ impl Cell {
     }
 }
 
-/// Every unordered pair of [`MATRIX`] plus `same`. The udp-blocked side always pings, so
+/// Every unordered pair of [`MATRIX`], two sym-fw cells, and `same`. The udp-blocked side always pings, so
 /// the reported path is the one the UDP-less node uses.
 fn cells() -> Vec<Cell> {
     let mut v = Vec::new();
@@ -164,6 +164,17 @@ fn cells() -> Vec<Cell> {
                 same: false,
             });
         }
+    }
+    // The symmetric NAT with a home-router firewall, against the public host (direct: the
+    // public side answers the peer-reflexive source; the firewall only drops new inbound)
+    // and against an eim-fw site (relayed, as sym × eim-fw).
+    for other in [Kind::Public, Kind::EimFw] {
+        v.push(Cell {
+            listener: other,
+            pinger: Kind::SymFw,
+            loss: 0,
+            same: false,
+        });
     }
     v.push(Cell {
         listener: Kind::Eim,
@@ -409,7 +420,9 @@ fn table(outcomes: &[Outcome]) -> String {
 fn report(title: &str, outcomes: &[Outcome]) {
     let t = table(outcomes);
     eprintln!("\n{title}\n{t}");
-    if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
+    // A filtered run (BURROW_NATLAB_ONLY) is not a results table.
+    let filtered = std::env::var("BURROW_NATLAB_ONLY").is_ok_and(|s| !s.is_empty());
+    if let (Ok(path), false) = (std::env::var("BURROW_NATLAB_RESULTS"), filtered) {
         results_file_section(&path, title, &t);
     }
     let mut failures = Vec::new();
@@ -733,10 +746,14 @@ fn relay_restart_mid_transfer() {
         &["--out", out_dir.to_str().unwrap()],
     );
     let file = lab.random_file("payload.bin", SEND_BYTES, 7);
-    let sending = lab.start_send(lab.host(1, 0), "sender", &listener.peer, &file);
+    let mut sending = lab.start_send(lab.host(1, 0), "sender", &listener.peer, &file);
     // Once the transfer runs over the direct path, kill the relay.
     listener.proc.wait_stderr("path: direct", lab::WAIT);
     relay.kill();
+    assert!(
+        sending.is_running(),
+        "the transfer ended before the relay was killed: slow it down further"
+    );
     listener
         .proc
         .wait_stderr("relay connection lost", lab::WAIT);
@@ -746,10 +763,24 @@ fn relay_restart_mid_transfer() {
         "the direct transfer did not survive the relay's death: {send:#?}\nlistener:\n{}",
         listener.proc.stderr_text()
     );
-    eprintln!(
-        "natlab: transfer across the relay's death: {:?}",
-        send.summary
+    let v = send.summary.clone().unwrap_or_default();
+    let row = format!(
+        "| eim-fw × eim-fw, UDP capped at 5 MB/s, relay killed once the path is direct | {} | yes | {:.1} | {:.1} s | ok |\n",
+        v["path"].as_str().unwrap_or("?"),
+        v["mb_per_s"].as_f64().unwrap_or(0.0),
+        v["seconds"].as_f64().unwrap_or(0.0),
     );
+    let table = format!(
+        "| transfer | final path | byte-identical | MB/s | duration | result |\n|---|---|---|---|---|---|\n{row}\nAfter the transfer a new relay starts on the same addresses; the listener registers again by itself and a new `burrow ping` reaches it.\n"
+    );
+    eprintln!("\nrelay killed mid-transfer\n{table}");
+    if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
+        results_file_section(
+            &path,
+            "Relay killed in the middle of a direct transfer",
+            &table,
+        );
+    }
     // A new relay on the same addresses: the listener registers again by itself, and a new
     // session (ping) reaches it.
     relay = lab.start_relay();

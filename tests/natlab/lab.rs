@@ -837,6 +837,11 @@ impl NsProc {
         }
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process now.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
