@@ -104,6 +104,18 @@ pub struct Settings {
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:3478";
 
 impl Settings {
+    /// The library's server configuration.
+    pub fn into_server_config(self) -> burrow::driver::relay::RelayServerConfig {
+        burrow::driver::relay::RelayServerConfig {
+            listen: self.listen,
+            alt_listen: self.alt_listen,
+            metrics: self.metrics,
+            tokens: self.tokens,
+            udp_buffer_bytes: self.udp_buffer_bytes,
+            limits: self.limits,
+        }
+    }
+
     pub fn load(cli: Cli) -> Result<Settings, String> {
         let file = match &cli.config {
             Some(path) => {

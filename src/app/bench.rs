@@ -24,7 +24,7 @@ use super::protocol::{
     CODE_DONE, FramePoll, FrameReader, OutBuf, Reply, Request, decode_reply, encode_reply,
     encode_request,
 };
-use crate::transport::{ConnectionHandle, Dir, Event, StreamId, StreamRead, Transport};
+use crate::transport::{ConnectionHandle, Dir, Event, StreamChunk, StreamId, Transport};
 
 /// Filler written per call (one buffer, allocated once per machine).
 const FILLER: usize = 64 * 1024;
@@ -146,19 +146,23 @@ impl Pacer {
             .max(8);
         let elapsed = now.saturating_duration_since(self.start).as_nanos();
         let due = (u128::from(self.rate) * elapsed / 1_000_000_000) as u64 + size as u64;
+        let count = due
+            .saturating_sub(self.sent_bytes)
+            .div_ceil(size as u64)
+            .min(MAX_DATAGRAMS_PER_TICK);
+        // One allocation per tick, split into the datagrams (they share it).
+        let mut block = BytesMut::with_capacity(count as usize * size);
         let mut sent = 0;
-        let mut count = 0;
-        while self.sent_bytes < due && count < MAX_DATAGRAMS_PER_TICK {
-            let mut d = BytesMut::with_capacity(size);
-            d.put_u64(self.next_seq);
-            d.put_slice(&filler[..size - 8]);
+        for _ in 0..count {
+            block.put_u64(self.next_seq);
+            block.put_slice(&filler[..size - 8]);
+            let d = block.split_to(size).freeze();
             transport
-                .send_datagram(conn, d.freeze())
+                .send_datagram(conn, d)
                 .map_err(|e| e.to_string())?;
             self.next_seq += 1;
             self.sent_bytes += size as u64;
             sent += size as u64;
-            count += 1;
         }
         self.next_at = Some(now + PACE_TICK);
         Ok(sent)
@@ -218,8 +222,8 @@ pub struct BenchClient {
     config: BenchConfig,
     conn: ConnectionHandle,
     streams: Vec<ClientStream>,
-    filler: Vec<u8>,
-    read_buf: Vec<u8>,
+    /// Written with zero-copy `write_bytes`: a clone is a reference count, not a copy.
+    filler: Bytes,
     start: Option<Instant>,
     end: Option<Instant>,
     deadline: Option<Instant>,
@@ -271,8 +275,7 @@ impl BenchClient {
             config,
             conn,
             streams,
-            filler: vec![0x5a; FILLER],
-            read_buf: vec![0; FILLER],
+            filler: Bytes::from(vec![0x5a; FILLER]),
             start: None,
             end: None,
             deadline: None,
@@ -409,6 +412,13 @@ impl BenchClient {
             if now < ss + Duration::from_secs(1) && self.end.is_none() {
                 break;
             }
+            // The last, partial interval: drop a sliver (under 100 ms) that only holds the
+            // wait for the final frame; its bytes are in the summary anyway.
+            if self.end.is_some() && now.saturating_duration_since(ss) < Duration::from_millis(100)
+            {
+                self.sample_start = None;
+                break;
+            }
             let end = if self.end.is_some() {
                 now.min(ss + Duration::from_secs(1))
             } else {
@@ -475,7 +485,6 @@ impl BenchClient {
             past_deadline,
             datagram.is_some(),
             &self.filler,
-            &mut self.read_buf,
         ) {
             s.error = Some(e);
             let _ = transport.reset(conn, stream, CODE_DONE);
@@ -509,8 +518,7 @@ fn client_step(
     reverse: bool,
     past_deadline: bool,
     datagram: bool,
-    filler: &[u8],
-    read_buf: &mut [u8],
+    filler: &Bytes,
 ) -> Result<(), String> {
     if !s.fin_sent
         && s.header
@@ -522,8 +530,9 @@ fn client_step(
             s.fin_sent = true;
         } else if !datagram {
             loop {
+                let mut chunk = filler.clone();
                 let n = transport
-                    .write(conn, stream, filler)
+                    .write_bytes(conn, stream, &mut chunk)
                     .map_err(|e| e.to_string())?;
                 if n == 0 {
                     break;
@@ -560,12 +569,12 @@ fn client_step(
             }
         } else {
             match transport
-                .read(conn, stream, read_buf)
+                .read_chunk(conn, stream, usize::MAX)
                 .map_err(|e| e.to_string())?
             {
-                StreamRead::Data(n) => s.bytes += n as u64,
-                StreamRead::Blocked => return Ok(()),
-                StreamRead::Finished => {
+                StreamChunk::Data(b) => s.bytes += b.len() as u64,
+                StreamChunk::Blocked => return Ok(()),
+                StreamChunk::Finished => {
                     s.result = Some(s.bytes);
                     return Ok(());
                 }
@@ -611,8 +620,7 @@ pub struct BenchServer {
     /// The receiving datagram benchmark of each connection (datagrams carry no stream ID,
     /// so a connection runs at most one).
     datagram_sessions: HashMap<ConnectionHandle, StreamId>,
-    filler: Vec<u8>,
-    read_buf: Vec<u8>,
+    filler: Bytes,
     reports: Vec<BenchReport>,
 }
 
@@ -628,8 +636,7 @@ impl BenchServer {
         BenchServer {
             streams: HashMap::new(),
             datagram_sessions: HashMap::new(),
-            filler: vec![0xa5; FILLER],
-            read_buf: vec![0; FILLER],
+            filler: Bytes::from(vec![0xa5; FILLER]),
             reports: Vec::new(),
         }
     }
@@ -787,7 +794,7 @@ impl BenchServer {
             } else if s.reverse {
                 while now < s.deadline {
                     let n = transport
-                        .write(conn, stream, &self.filler)
+                        .write_bytes(conn, stream, &mut self.filler.clone())
                         .map_err(|e| e.to_string())?;
                     if n == 0 {
                         break;
@@ -797,16 +804,16 @@ impl BenchServer {
             }
             while !s.eof {
                 match transport
-                    .read(conn, stream, &mut self.read_buf)
+                    .read_chunk(conn, stream, usize::MAX)
                     .map_err(|e| e.to_string())?
                 {
-                    StreamRead::Data(n) => {
+                    StreamChunk::Data(b) => {
                         if !s.reverse {
-                            s.bytes += n as u64;
+                            s.bytes += b.len() as u64;
                         }
                     }
-                    StreamRead::Blocked => break,
-                    StreamRead::Finished => s.eof = true,
+                    StreamChunk::Blocked => break,
+                    StreamChunk::Finished => s.eof = true,
                 }
             }
             if s.reverse && now >= s.deadline {

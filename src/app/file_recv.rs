@@ -5,8 +5,10 @@
 //!
 //! 1. The path is validated ([`validate_path`]): relative, '/'-separated, no `..`, no empty
 //!    or `.` components, no NUL or control characters, no backslashes or drive letters, not
-//!    inside the partial directory. The existing parents inside DIR are checked with
-//!    `symlink_metadata`, so a symlink planted inside DIR can never redirect a write outside.
+//!    inside the partial directory. Every file-system step below DIR goes through
+//!    `app::safe_fs` (private): `openat`/`mkdirat`/`linkat`/`renameat` relative to
+//!    directories opened with `O_NOFOLLOW`, so a symlink inside DIR (even one swapped in
+//!    while we work) can never redirect a write outside.
 //! 2. Without `overwrite`, an existing target is refused up front ([`REASON_EXISTS`]).
 //! 3. Bytes go to `DIR/.burrow-partial/<key>.part` (key = BLAKE3 of sender peer ID and path),
 //!    opened with `O_NOFOLLOW`, next to a `<key>.meta` sidecar recording path, size and peer.
@@ -29,14 +31,13 @@
 //! in flight (aborted without a report): a sender that crashed and re-ran reaches us before
 //! the old connection's idle timeout, and must resume rather than be refused as busy.
 //!
-//! Known limit: the parent-directory checks and the final link/rename are path-based, so a
-//! *local* user with write access to DIR racing us between check and rename could still
-//! swap a directory for a symlink; a remote peer cannot (it only names paths).
+//! Off Unix, `safe_fs` falls back to path-based `symlink_metadata` checks, which a local
+//! user racing us could defeat; a remote peer cannot (it only names paths).
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,7 @@ use super::protocol::{
     CODE_ABORTED, CODE_DONE, HASH_LEN, MAX_PATH_LEN, OutBuf, REASON_BAD_PATH, REASON_EXISTS,
     REASON_HASH_MISMATCH, REASON_IO, REASON_PROTOCOL, Reason, RejectQueue, Reply, encode_reply,
 };
+use super::safe_fs::{Kind, SafeDir};
 use crate::transport::{ConnectionHandle, Event, StreamId, StreamRead, Transport};
 use crate::wire::PeerId;
 
@@ -92,6 +94,9 @@ pub enum PathError {
     /// An existing component inside DIR is a symlink or not a directory.
     #[error("'{0}' inside the output directory is a symlink or not a directory")]
     NotADirectory(String),
+    /// The output directory could not be opened.
+    #[error("output directory: {0}")]
+    OutDir(String),
 }
 
 /// Checks a wire path and returns its components. Pure: no file-system access.
@@ -130,35 +135,33 @@ pub fn validate_path(path: &str) -> Result<Vec<&str>, PathError> {
     Ok(components)
 }
 
-/// Walks `components` below `root`, creating missing directories, refusing any existing
-/// component that is a symlink or not a directory. Returns the directory path.
-fn make_parents(root: &Path, components: &[&str], create: bool) -> Result<PathBuf, PathError> {
-    let mut dir = root.to_path_buf();
-    for c in components {
-        dir.push(c);
-        match fs::symlink_metadata(&dir) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(_) => return Err(PathError::NotADirectory(rel(root, &dir))),
-            Err(_) if create => {
-                if let Err(e) = fs::create_dir(&dir) {
-                    // Created concurrently? Accept only a real directory.
-                    match fs::symlink_metadata(&dir) {
-                        Ok(m) if m.file_type().is_dir() => {}
-                        _ => {
-                            tracing::debug!(error = %e, dir = %dir.display(), "create_dir failed");
-                            return Err(PathError::NotADirectory(rel(root, &dir)));
-                        }
-                    }
-                }
+/// Walks `components` below `root` without following symlinks, creating missing
+/// directories if `create`. `Ok(None)`: a component is missing (and not created).
+fn walk_parents(
+    root: &SafeDir,
+    components: &[&str],
+    create: bool,
+) -> Result<Option<SafeDir>, PathError> {
+    let mut dir: Option<SafeDir> = None;
+    for (i, c) in components.iter().enumerate() {
+        let here = dir.as_ref().unwrap_or(root);
+        match here.open_child(c, create) {
+            Ok(Some(d)) => dir = Some(d),
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::debug!(error = %e, component = c, "refusing path component");
+                return Err(PathError::NotADirectory(components[..=i].join("/")));
             }
-            Err(_) => {}
         }
     }
-    Ok(dir)
-}
-
-fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).display().to_string()
+    match dir {
+        Some(d) => Ok(Some(d)),
+        // No components: the root itself.
+        None => root
+            .try_clone()
+            .map(Some)
+            .map_err(|e| PathError::OutDir(e.to_string())),
+    }
 }
 
 /// The sidecar next to a partial file.
@@ -329,11 +332,24 @@ impl FileReceiver {
         self.rejecting.reject(transport, conn, stream, reason);
     }
 
-    fn partial_dir(&self) -> Result<PathBuf, Reason> {
-        let dir = self.config.out_dir.join(PARTIAL_DIR);
-        make_parents(&self.config.out_dir, &[PARTIAL_DIR], true)
-            .map_err(|e| Reason::new(REASON_IO, e.to_string()))?;
-        Ok(dir)
+    fn root(&self) -> Result<SafeDir, Reason> {
+        SafeDir::open_root(&self.config.out_dir).map_err(|e| {
+            Reason::new(
+                REASON_IO,
+                format!("output directory {}: {e}", self.config.out_dir.display()),
+            )
+        })
+    }
+
+    fn partial_dir(&self, root: &SafeDir) -> Result<SafeDir, Reason> {
+        match root.open_child(PARTIAL_DIR, true) {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err(Reason::new(
+                REASON_IO,
+                format!("cannot create {PARTIAL_DIR}"),
+            )),
+            Err(e) => Err(Reason::new(REASON_IO, format!("{PARTIAL_DIR}: {e}"))),
+        }
     }
 
     fn prepare(
@@ -356,9 +372,11 @@ impl FileReceiver {
         let (name, parents) = components.split_last().ok_or(bad(PathError::Empty))?;
         // Existing parents must be real directories (no symlink may redirect us); missing
         // ones are created only once the file verified.
-        let parent = make_parents(&self.config.out_dir, parents, false).map_err(bad)?;
-        let target = parent.join(name);
-        check_target(&target, self.config.overwrite, path)?;
+        let root = self.root()?;
+        let parent = walk_parents(&root, parents, false).map_err(bad)?;
+        if let Some(parent) = &parent {
+            check_target(parent, name, self.config.overwrite, path)?;
+        }
 
         let key = partial_key(&peer, path);
         // The same peer asking again for the same path supersedes its older stream: the
@@ -376,20 +394,20 @@ impl FileReceiver {
             let _ = transport.stop(c, st, CODE_ABORTED);
             let _ = transport.reset(c, st, CODE_ABORTED);
         }
-        let dir = self.partial_dir()?;
-        let part_path = dir.join(format!("{key}.part"));
-        let meta_path = dir.join(format!("{key}.meta"));
+        let dir = self.partial_dir(&root)?;
+        let part_name = format!("{key}.part");
+        let meta_name = format!("{key}.meta");
         let meta = PartialMeta {
             path: path.to_string(),
             size,
             peer,
         };
         let io = |e: std::io::Error| Reason::new(REASON_IO, format!("{path}: {e}"));
-        let mut file = open_nofollow(&part_path).map_err(io)?;
+        let mut file = dir.open_file(&part_name).map_err(io)?;
         let mut hasher = blake3::Hasher::new();
         let mut have = 0;
         let mut prefix_hash = None;
-        if resume && read_meta(&meta_path).as_ref() == Some(&meta) {
+        if resume && read_meta(&dir, &meta_name).as_ref() == Some(&meta) {
             // Same sender, same path, same size: keep what is there and re-hash it.
             let len = file.metadata().map_err(io)?.len().min(size);
             have = hash_prefix(&mut file, len, &mut hasher, &mut self.buf).map_err(io)?;
@@ -399,7 +417,7 @@ impl FileReceiver {
         }
         file.set_len(have).map_err(io)?;
         file.seek(SeekFrom::Start(have)).map_err(io)?;
-        write_meta(&meta_path, &meta).map_err(io)?;
+        write_meta(&dir, &meta_name, &meta).map_err(io)?;
         let mut out = OutBuf::new();
         out.push(&encode_reply(&Reply::Accept {
             resume_offset: have,
@@ -570,6 +588,7 @@ impl FileReceiver {
                 self.verify(s);
                 continue;
             }
+            // A copying read batches many packets into one `write` syscall (see pipe.rs).
             match transport.read(conn, stream, &mut self.buf[..want]) {
                 Ok(StreamRead::Data(n)) => {
                     if s.have < s.size {
@@ -604,13 +623,17 @@ impl FileReceiver {
             return;
         };
         let got = s.hasher.finalize();
-        let dir = self.config.out_dir.join(PARTIAL_DIR);
-        let part_path = dir.join(format!("{}.part", s.key));
-        let meta_path = dir.join(format!("{}.meta", s.key));
+        let part_name = format!("{}.part", s.key);
+        let meta_name = format!("{}.meta", s.key);
+        let dirs = self
+            .root()
+            .and_then(|root| self.partial_dir(&root).map(|d| (root, d)));
         let reply = if got.as_bytes()[..] != s.trailer[..] {
             drop(file);
-            let _ = fs::remove_file(&part_path);
-            let _ = fs::remove_file(&meta_path);
+            if let Ok((_, dir)) = &dirs {
+                let _ = dir.remove(&part_name);
+                let _ = dir.remove(&meta_name);
+            }
             Err(Reason::new(
                 REASON_HASH_MISMATCH,
                 format!(
@@ -619,8 +642,10 @@ impl FileReceiver {
                 ),
             ))
         } else {
-            self.finalize(s, file, &part_path).map(|()| {
-                let _ = fs::remove_file(&meta_path);
+            dirs.and_then(|(root, dir)| {
+                self.finalize(s, file, &root, &dir, &part_name)?;
+                let _ = dir.remove(&meta_name);
+                Ok(())
             })
         };
         match reply {
@@ -647,7 +672,14 @@ impl FileReceiver {
         s.phase = Phase::Replying;
     }
 
-    fn finalize(&self, s: &Incoming, file: File, part_path: &Path) -> Result<(), Reason> {
+    fn finalize(
+        &self,
+        s: &Incoming,
+        file: File,
+        root: &SafeDir,
+        partials: &SafeDir,
+        part_name: &str,
+    ) -> Result<(), Reason> {
         let io = |e: std::io::Error| Reason::new(REASON_IO, format!("{}: {e}", s.path));
         #[cfg(unix)]
         if s.executable {
@@ -664,27 +696,27 @@ impl FileReceiver {
         let (name, parents) = components
             .split_last()
             .ok_or(Reason::new(REASON_BAD_PATH, "empty"))?;
-        let parent = make_parents(&self.config.out_dir, parents, true)
-            .map_err(|e| Reason::new(REASON_BAD_PATH, format!("{}: {e}", s.path)))?;
-        let target = parent.join(name);
-        check_target(&target, self.config.overwrite, &s.path)?;
+        let bad = |e: PathError| Reason::new(REASON_BAD_PATH, format!("{}: {e}", s.path));
+        let parent = walk_parents(root, parents, true)
+            .map_err(bad)?
+            .ok_or_else(|| bad(PathError::NotADirectory(parents.join("/"))))?;
+        check_target(&parent, name, self.config.overwrite, &s.path)?;
         if self.config.overwrite {
-            fs::rename(part_path, &target).map_err(io)?;
+            partials.rename_to(part_name, &parent, name).map_err(io)?;
         } else {
             // link(2) refuses an existing target, so a file that appeared since the check is
             // never replaced.
-            fs::hard_link(part_path, &target).map_err(|e| {
+            partials.link_to(part_name, &parent, name).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     Reason::new(REASON_EXISTS, format!("{} already exists", s.path))
                 } else {
                     io(e)
                 }
             })?;
-            let _ = fs::remove_file(part_path);
+            let _ = partials.remove(part_name);
         }
-        if let Ok(d) = File::open(&parent) {
-            let _ = d.sync_all();
-        }
+        parent.sync();
+        partials.sync();
         Ok(())
     }
 }
@@ -695,25 +727,26 @@ enum Step {
     Abort(Reason),
 }
 
-fn check_target(target: &Path, overwrite: bool, path: &str) -> Result<(), Reason> {
-    match fs::symlink_metadata(target) {
-        Err(_) => Ok(()),
-        Ok(m) if overwrite && m.file_type().is_file() => Ok(()),
-        Ok(m) if overwrite => Err(Reason::new(
+fn check_target(parent: &SafeDir, name: &str, overwrite: bool, path: &str) -> Result<(), Reason> {
+    match parent.kind(name) {
+        Ok(None) => Ok(()),
+        Ok(Some(Kind::File)) if overwrite => Ok(()),
+        Ok(Some(kind)) if overwrite => Err(Reason::new(
             REASON_EXISTS,
             format!(
                 "{path} exists and is {}",
-                if m.file_type().is_symlink() {
+                if kind == Kind::Symlink {
                     "a symlink"
                 } else {
                     "not a regular file"
                 }
             ),
         )),
-        Ok(_) => Err(Reason::new(
+        Ok(Some(_)) => Err(Reason::new(
             REASON_EXISTS,
             format!("{path} already exists (the receiver did not allow overwriting)"),
         )),
+        Err(e) => Err(Reason::new(REASON_IO, format!("{path}: {e}"))),
     }
 }
 
@@ -727,32 +760,21 @@ fn partial_key(peer: &PeerId, path: &str) -> String {
     h.finalize().to_hex()[..32].to_string()
 }
 
-fn open_nofollow(path: &Path) -> std::io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.custom_flags(libc::O_NOFOLLOW).mode(0o644);
-    }
-    o.open(path)
-}
-
-fn read_meta(path: &Path) -> Option<PartialMeta> {
-    let mut f = OpenOptions::new().read(true).open(path).ok()?;
+fn read_meta(dir: &SafeDir, name: &str) -> Option<PartialMeta> {
+    let f = dir.read_file(name).ok()?;
     let mut b = Vec::new();
-    Read::by_ref(&mut f).take(8192).read_to_end(&mut b).ok()?;
+    f.take(8192).read_to_end(&mut b).ok()?;
     let config = bincode::config::standard().with_limit::<8192>();
     bincode::serde::decode_from_slice(&b, config)
         .ok()
         .map(|(m, _)| m)
 }
 
-fn write_meta(path: &Path, meta: &PartialMeta) -> std::io::Result<()> {
+fn write_meta(dir: &SafeDir, name: &str, meta: &PartialMeta) -> std::io::Result<()> {
     let b = bincode::serde::encode_to_vec(meta, bincode::config::standard())
         .map_err(std::io::Error::other)?;
-    let _ = fs::remove_file(path);
-    let mut f = open_nofollow(path)?;
+    let mut f = dir.open_file(name)?;
+    f.set_len(0)?;
     f.write_all(&b)
 }
 
@@ -830,23 +852,42 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), out.path().join("evil")).unwrap();
         fs::write(out.path().join("plain"), b"x").unwrap();
         fs::create_dir(out.path().join("real")).unwrap();
+        let root = SafeDir::open_root(out.path()).unwrap();
         assert_eq!(
-            make_parents(out.path(), &["evil"], true),
-            Err(PathError::NotADirectory("evil".into()))
+            walk_parents(&root, &["evil"], true).unwrap_err(),
+            PathError::NotADirectory("evil".into())
+        );
+        assert!(
+            walk_parents(&root, &["real", "deeper"], true)
+                .unwrap()
+                .is_some()
+        );
+        assert!(out.path().join("real/deeper").is_dir());
+        assert!(
+            walk_parents(&root, &["real", "nope"], false)
+                .unwrap()
+                .is_none()
         );
         assert_eq!(
-            make_parents(out.path(), &["real", "deeper"], true).unwrap(),
-            out.path().join("real/deeper")
+            walk_parents(&root, &["plain", "x"], true).unwrap_err(),
+            PathError::NotADirectory("plain".into())
         );
-        assert!(make_parents(out.path(), &["plain", "x"], true).is_err());
-        assert!(make_parents(out.path(), &["evil", "x"], true).is_err());
+        assert!(
+            walk_parents(&root, &["real", "deeper", "..."], false)
+                .unwrap()
+                .is_none()
+        );
+        assert!(walk_parents(&root, &["evil", "x"], true).is_err());
         // Nothing appeared outside.
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
         // A symlink as the final name is refused even with overwrite, and never opened.
         std::os::unix::fs::symlink(outside.path().join("f"), out.path().join("link")).unwrap();
-        assert!(check_target(&out.path().join("link"), true, "link").is_err());
-        assert!(check_target(&out.path().join("link"), false, "link").is_err());
-        assert!(open_nofollow(&out.path().join("link")).is_err());
+        assert!(check_target(&root, "link", true, "link").is_err());
+        assert!(check_target(&root, "link", false, "link").is_err());
+        assert!(check_target(&root, "plain", false, "plain").is_err());
+        assert!(check_target(&root, "plain", true, "plain").is_ok());
+        assert!(check_target(&root, "real", true, "real").is_err());
+        assert!(root.open_file("link").is_err());
         assert!(!outside.path().join("f").exists());
     }
 

@@ -121,11 +121,12 @@ impl SendSummary {
         self.failures.is_empty()
     }
 
-    /// Verified bytes per second, in MB/s (10^6).
+    /// Bytes actually sent per second, in MB/s (10^6). Resumed bytes do not count: they
+    /// never crossed the network, and counting them would inflate the rate.
     pub fn megabytes_per_second(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
-            self.bytes_ok as f64 / secs / 1e6
+            self.bytes_sent as f64 / secs / 1e6
         } else {
             0.0
         }
@@ -255,6 +256,20 @@ impl FileSender {
                 });
             }
         }
+        // Two arguments with the same last component (`send a/x b/x`) would land on the same
+        // name; keep the first, report the others.
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|f| {
+            if seen.insert(f.name.clone()) {
+                true
+            } else {
+                skipped.push(Skipped {
+                    path: f.source.clone(),
+                    reason: format!("another argument is also sent as {}", f.name),
+                });
+                false
+            }
+        });
         Ok((files, skipped))
     }
 
@@ -819,5 +834,14 @@ mod tests {
             .collect();
         assert_eq!(skipped, ["dirlink", "fifo", "link-out"]);
         assert!(FileSender::plan(&[tmp.path().join("missing")]).is_err());
+        // Same name from two arguments: the second is reported, not sent.
+        fs::create_dir(tmp.path().join("other")).unwrap();
+        fs::write(tmp.path().join("other/single"), b"x").unwrap();
+        let (files, skipped) =
+            FileSender::plan(&[tmp.path().join("single"), tmp.path().join("other/single")])
+                .unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].source, tmp.path().join("single"));
+        assert!(skipped[0].reason.contains("also sent as single"));
     }
 }

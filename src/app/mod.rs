@@ -63,6 +63,7 @@ pub mod file_send;
 pub mod listen;
 pub mod pipe;
 pub mod protocol;
+mod safe_fs;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! clap front end: parses arguments, builds a node, runs one command on it.
 
 mod bench;
+mod demo;
 mod listen;
 mod netcheck;
 mod ping;
@@ -47,6 +48,8 @@ enum Command {
     Pipe(pipe::PipeArgs),
     /// Measure throughput to a listening peer, like iperf3.
     Bench(bench::BenchArgs),
+    /// A relay and two nodes on 127.0.0.1 in this process: relay → direct, data, summary.
+    Demo(demo::DemoArgs),
 }
 
 /// Where the identity key lives.
@@ -166,6 +169,7 @@ pub fn main() -> ExitCode {
         Command::Send(args) => send::run(args),
         Command::Pipe(args) => pipe::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

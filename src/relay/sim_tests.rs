@@ -113,3 +113,33 @@ fn udp_blocked_node_relays_over_tcp_through_the_real_relay() {
         exchange(&mut sim, a, b);
     }
 }
+
+#[test]
+fn direct_paths_can_be_held_back_and_released() {
+    let seed = 7;
+    let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
+    let a = sim.add_host(Some(na), ms(0), |_| {});
+    let b = sim.add_host(Some(nb), ms(0), |_| {});
+    assert!(sim.run_until(Duration::from_secs(10), |s| registered(s, a)
+        && registered(s, b)));
+    sim.with_node(a, |n, now| n.set_direct_allowed(now, false));
+    let bid = sim.hosts[b].peer_id();
+    sim.with_node(a, |n, now| n.connect(now, bid));
+    // B goes direct; A keeps relaying although its punch succeeded underneath.
+    assert!(sim.run_until(Duration::from_secs(10), |s| matches!(
+        path(s, b, a),
+        Some(PathKind::Direct(_))
+    )));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!(path(&sim, a, b), Some(PathKind::RelayUdp), "seed {seed}");
+    exchange(&mut sim, a, b);
+    // Released: the confirmed path is used at once.
+    sim.with_node(a, |n, now| n.set_direct_allowed(now, true));
+    assert!(
+        matches!(path(&sim, a, b), Some(PathKind::Direct(_))),
+        "seed {seed}"
+    );
+    exchange(&mut sim, a, b);
+}

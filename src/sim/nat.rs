@@ -197,6 +197,13 @@ impl Nat {
         }
     }
 
+    /// A reboot with a new public address (an ISP renumbering): every mapping is gone.
+    pub fn reboot(&mut self, public_ip: IpAddr) {
+        self.public_ip = public_ip;
+        self.entries.clear();
+        self.clashes.clear();
+    }
+
     /// Whether `ip` is inside this NAT's private subnet.
     pub fn is_inside(&self, ip: IpAddr) -> bool {
         match ip {

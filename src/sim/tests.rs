@@ -263,6 +263,25 @@ fn relay_restart_nodes_reregister_and_relaying_resumes() {
         got(&sim, b, 3) && got(&sim, a, 4),
         "seed {seed}: relaying did not resume"
     );
+    // The direct pair was re-introduced too, and kept its direct path throughout.
+    assert!(
+        sim.hosts[d]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, NodeEvent::Introduced { .. }))
+            .count()
+            == 2,
+        "seed {seed}: direct pair not re-introduced"
+    );
+    for h in [c, d] {
+        assert!(
+            !sim.has_event(
+                h,
+                |e| matches!(e, NodeEvent::PathChanged { path, .. } if path.remote().is_none())
+            ),
+            "seed {seed}: host {h} left its direct path because of the relay restart"
+        );
+    }
 }
 
 #[test]
@@ -395,4 +414,41 @@ fn masquerade_clash_from_a_late_introduction_recovers() {
     let ok = sim.run_until(secs(180), |s| direct(s, a, b) && direct(s, b, a));
     assert!(ok, "seed {seed}: never recovered from the clash");
     eprintln!("direct after the clash at {:?}", sim.elapsed());
+}
+
+/// Roaming: A's NAT reboots with a new public IP mid-session. The direct path dies, A
+/// learns its new reflexive address from the relay binds, the relay tells B, and the pair
+/// punches again while traffic continues over the relay.
+#[test]
+fn nat_reboot_with_new_address_repunches() {
+    init_log();
+    let seed = 37;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
+    let (a, b, ok) = pair(&mut sim, na, nb, |_| {});
+    assert!(ok, "seed {seed}: no direct path");
+    let new_ip: IpAddr = "198.51.100.99".parse().unwrap();
+    sim.nats[na].reboot(new_ip);
+    let back = sim.run_until(secs(120), |s| {
+        direct(s, a, b)
+            && direct(s, b, a)
+            && s.hosts[b]
+                .node
+                .path(s.now(), &s.hosts[a].peer_id())
+                .and_then(|p| p.remote())
+                .map(|r| r.ip())
+                == Some(new_ip)
+    });
+    assert!(back, "seed {seed}: no direct path to the new address");
+    eprintln!("direct again after {:?}", sim.elapsed());
+    for i in 100..110 {
+        assert!(matches!(send(&mut sim, a, b, i), Some(PathKind::Direct(_))));
+        sim.run_for(ms(50));
+    }
+    sim.run_for(secs(1));
+    assert!(
+        (100..110).all(|i| got(&sim, b, i)),
+        "seed {seed}: data lost after roaming"
+    );
 }

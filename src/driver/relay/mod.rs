@@ -14,22 +14,89 @@
 //! On Linux, UDP is read with `recvmmsg` (32 datagrams per call, see `batch`) and the
 //! datagrams the core forwards are re-sent from the same buffers with one `sendmmsg` per
 //! batch; replies the core generates (STUN, bind answers, TCP→UDP relaying) go out one
-//! `send_to` each. Signals arrive through a self-pipe (see `signals`).
+//! `send_to` each. Signals arrive through a self-pipe (see `signals`), which a
+//! [`StopHandle`] can also write to.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use burrow::relay::{ConnId, Event, RelayConfig, RelayCore};
+use crate::relay::{ConnId, Event, Limits, RelayConfig, RelayCore};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, trace, warn};
 
-use crate::http::{self, HttpConn, Next};
-use crate::settings::Settings;
-use crate::signals::SignalPipe;
+#[cfg(target_os = "linux")]
+mod batch;
+mod http;
+mod signals;
+
+use self::http::{HttpConn, Next};
+pub use self::signals::{StopHandle, StopPipe};
+
+/// Everything a relay server needs: addresses, access tokens, limits.
+#[derive(Debug, Clone)]
+pub struct RelayServerConfig {
+    /// UDP and TCP address (port 0 picks a free port; UDP and TCP get the same one).
+    pub listen: SocketAddr,
+    /// Alternate address for RFC 5780 NAT behaviour discovery.
+    pub alt_listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Access tokens; empty means registration is open.
+    pub tokens: Vec<String>,
+    /// Kernel socket buffer size for the UDP sockets.
+    pub udp_buffer_bytes: usize,
+    /// Limits enforced by the core.
+    pub limits: Limits,
+}
+
+impl RelayServerConfig {
+    /// Defaults (open registration, default limits, 4 MiB UDP buffers) on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        RelayServerConfig {
+            listen,
+            alt_listen: None,
+            metrics: None,
+            tokens: Vec::new(),
+            udp_buffer_bytes: 4 << 20,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A bound relay server; [`RelayServer::run`] serves until stopped.
+pub struct RelayServer {
+    driver: Driver,
+}
+
+impl std::fmt::Debug for RelayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RelayServer({})", self.driver.listen_addr)
+    }
+}
+
+impl RelayServer {
+    /// The UDP+TCP address it serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.driver.listen_addr
+    }
+
+    /// The metrics address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.driver
+            .metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until the stop pipe fires (a signal, or a [`StopHandle`]).
+    pub fn run(mut self) -> io::Result<()> {
+        self.driver.run()
+    }
+}
 
 const SIGNAL: Token = Token(0);
 const LISTENER: Token = Token(1);
@@ -73,11 +140,11 @@ struct Driver {
     next_generation: u32,
     metrics_listener: Option<TcpListener>,
     http: Slab<HttpConn>,
-    signals: SignalPipe,
+    signals: StopPipe,
     still_readable: Vec<Token>,
     buf: Vec<u8>,
     #[cfg(target_os = "linux")]
-    batch: crate::batch::RecvBatch,
+    batch: batch::RecvBatch,
     #[cfg(target_os = "linux")]
     fwd_which: Vec<usize>,
     #[cfg(target_os = "linux")]
@@ -87,8 +154,9 @@ struct Driver {
     shutting_down: bool,
 }
 
-/// Binds everything, logs the addresses, and runs until SIGINT/SIGTERM.
-pub fn run(settings: Settings) -> io::Result<()> {
+/// Binds everything and logs the addresses; `stop` ends [`RelayServer::run`] when written to
+/// (install signal handlers on it for a process-wide server).
+pub fn bind(settings: RelayServerConfig, stop: StopPipe) -> io::Result<RelayServer> {
     let (udp0, listener, listen) = bind_primary(settings.listen, settings.udp_buffer_bytes)?;
     let mut config = RelayConfig::new(listen, rand::random());
     config.alt_listen = settings.alt_listen;
@@ -100,7 +168,7 @@ pub fn run(settings: Settings) -> io::Result<()> {
         udp.push((addr, s));
     }
     let poll = Poll::new()?;
-    let mut signals = SignalPipe::install()?;
+    let mut signals = stop;
     poll.registry()
         .register(&mut signals.read, SIGNAL, Interest::READABLE)?;
     let mut listener = listener;
@@ -136,7 +204,7 @@ pub fn run(settings: Settings) -> io::Result<()> {
         }
     );
     let core = RelayCore::new(config, Instant::now());
-    let mut driver = Driver {
+    let driver = Driver {
         poll,
         core,
         udp,
@@ -150,16 +218,16 @@ pub fn run(settings: Settings) -> io::Result<()> {
         still_readable: Vec::new(),
         buf: vec![0; BUF_LEN],
         #[cfg(target_os = "linux")]
-        batch: crate::batch::RecvBatch::new(),
+        batch: batch::RecvBatch::new(),
         #[cfg(target_os = "linux")]
-        fwd_which: Vec::with_capacity(crate::batch::BATCH),
+        fwd_which: Vec::with_capacity(batch::BATCH),
         #[cfg(target_os = "linux")]
-        fwd_dest: Vec::with_capacity(crate::batch::BATCH),
+        fwd_dest: Vec::with_capacity(batch::BATCH),
         #[cfg(target_os = "linux")]
-        fwd_src: Vec::with_capacity(crate::batch::BATCH),
+        fwd_src: Vec::with_capacity(batch::BATCH),
         shutting_down: false,
     };
-    driver.run()
+    Ok(RelayServer { driver })
 }
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> io::Result<Socket> {
@@ -307,7 +375,7 @@ impl Driver {
     #[cfg(target_os = "linux")]
     fn read_udp(&mut self, index: usize) {
         let local = self.udp[index].0;
-        for _ in 0..UDP_BUDGET / crate::batch::BATCH {
+        for _ in 0..UDP_BUDGET / batch::BATCH {
             let n = match self.batch.recv(&self.udp[index].1) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -356,7 +424,7 @@ impl Driver {
             }
             // Keep control replies flowing during a long burst.
             self.drain_transmits();
-            if n < crate::batch::BATCH {
+            if n < batch::BATCH {
                 return;
             }
         }
