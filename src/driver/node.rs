@@ -91,16 +91,17 @@ impl std::fmt::Debug for NodeDriver {
 }
 
 /// Unspecified bind addresses are useless as host candidates: list the machine's
-/// addresses instead (loopback included, so that two nodes on one host find each other).
-fn host_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
+/// addresses instead. Loopback addresses only mean something to a peer on this machine, so
+/// they are offered only when the relay itself is on loopback (a local setup).
+fn host_candidates(bound: SocketAddr, relay: SocketAddr) -> Vec<SocketAddr> {
     if !bound.ip().is_unspecified() {
         return vec![bound];
     }
-    let mut out = Vec::new();
-    for ip in interface_addresses(bound.is_ipv4()) {
-        out.push(SocketAddr::new(ip, bound.port()));
-    }
-    out
+    interface_addresses(bound.is_ipv4())
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() || relay.ip().is_loopback())
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect()
 }
 
 /// The machine's interface addresses of one family, via getifaddrs(3).
@@ -160,9 +161,11 @@ impl NodeDriver {
         }
         let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
         if config.local_addrs.is_empty() {
-            config.local_addrs = host_candidates(udp4.local_addr());
+            config.local_addrs = host_candidates(udp4.local_addr(), config.relay_udp);
             if let Some(s) = &udp6 {
-                config.local_addrs.extend(host_candidates(s.local_addr()));
+                config
+                    .local_addrs
+                    .extend(host_candidates(s.local_addr(), config.relay_udp));
             }
         }
         if config.seed == 0 {
