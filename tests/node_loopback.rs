@@ -252,3 +252,52 @@ fn a_peer_that_comes_back_is_answered_at_once() {
     }
     drop(listener);
 }
+
+#[test]
+fn allow_list_refuses_other_peers_and_admits_listed_ones() {
+    let relay = Relay::start("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let relay_s = relay.addr.to_string();
+    let friend_key = dir.path().join("friend.key");
+    let friend = burrow(&["id", "--identity", friend_key.to_str().unwrap()]);
+    let friend = String::from_utf8(friend.stdout).unwrap().trim().to_string();
+    let inbox = dir.path().join("inbox");
+    let listener = Listener::start(
+        relay.addr,
+        dir.path(),
+        &["--out", inbox.to_str().unwrap(), "--allow", &friend],
+    );
+    let file = dir.path().join("note.txt");
+    std::fs::write(&file, b"for friends only").unwrap();
+    let send = |key: &std::path::Path| {
+        burrow(&[
+            "send",
+            &listener.peer,
+            file.to_str().unwrap(),
+            "--relay",
+            &relay_s,
+            "--identity",
+            key.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1:0",
+            "--no-ipv6",
+            "--connect-timeout",
+            "20",
+        ])
+    };
+    let stranger = send(&dir.path().join("stranger.key"));
+    assert!(
+        !stranger.status.success(),
+        "a peer not in --allow must fail: {}",
+        String::from_utf8_lossy(&stranger.stdout)
+    );
+    assert!(!inbox.join("note.txt").exists(), "nothing from the stranger");
+    wait_line(&listener.stderr, "not in --allow");
+    let ok = send(&friend_key);
+    assert!(
+        ok.status.success(),
+        "the allowed peer: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(std::fs::read(inbox.join("note.txt")).unwrap(), b"for friends only");
+}
