@@ -80,6 +80,9 @@ pub struct NodeArgs {
     /// Local UDP address to bind (IPv4).
     #[arg(long, default_value = "0.0.0.0:0")]
     bind: SocketAddr,
+    /// Local UDP address to bind for IPv6.
+    #[arg(long, default_value = "[::]:0")]
+    bind6: SocketAddr,
     /// Do not open an IPv6 socket.
     #[arg(long)]
     no_ipv6: bool,
@@ -118,7 +121,7 @@ impl NodeArgs {
         }
         let driver = DriverConfig {
             udp4: self.bind,
-            udp6: (!self.no_ipv6).then(|| "[::]:0".parse().expect("valid literal")),
+            udp6: (!self.no_ipv6).then_some(self.bind6),
         };
         NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))
     }
