@@ -9,6 +9,7 @@
 //! in-memory network with NAT models that runs the real cores.
 #![deny(missing_docs)]
 
+pub mod app;
 pub mod driver;
 pub mod identity;
 pub mod node;

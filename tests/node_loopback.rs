@@ -211,3 +211,44 @@ fn listener_re_registers_after_the_relay_restarts() {
     assert!(out.status.success(), "ping after restart failed: {stderr}");
     drop(relay);
 }
+
+#[test]
+fn a_peer_that_comes_back_is_answered_at_once() {
+    // The same identity pings twice, from two processes (two different sockets). The
+    // listener must drop the first session's direct path when the second introduction
+    // arrives, instead of answering into the dead socket until the path times out.
+    let relay = Relay::start("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(relay.addr, dir.path(), &[]);
+    let relay_s = relay.addr.to_string();
+    let key = dir.path().join("pinger.key");
+    for round in 0..2 {
+        let out = burrow(&[
+            "ping",
+            &listener.peer,
+            "--relay",
+            &relay_s,
+            "--identity",
+            key.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1:0",
+            "--no-ipv6",
+            "--json",
+            "--count",
+            "4",
+            "--interval",
+            "0.2",
+            "--timeout",
+            "30",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "round {round}: {stderr}");
+        let pongs = json_lines(&out.stdout);
+        assert_eq!(
+            pongs.len(),
+            4,
+            "round {round}: every ping answered: {pongs:?}"
+        );
+    }
+    drop(listener);
+}

@@ -1,13 +1,11 @@
 //! `burrow-relay`: burrow's rendezvous, STUN and fallback relay server.
 //!
 //! The relay logic is the sans-IO [`burrow::relay::RelayCore`] in the library; this binary
-//! adds the command line and config file ([`settings`]), a single-threaded mio driver
-//! ([`driver`]), the metrics HTTP responder ([`http`]) and signal handling ([`signals`]).
+//! adds the command line and config file ([`settings`]); the single-threaded mio driver,
+//! the metrics HTTP responder and signal handling are `burrow::driver::relay`, shared with
+//! the in-process relay of `burrow demo`.
 
-mod driver;
-mod http;
 mod settings;
-mod signals;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -31,7 +29,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match driver::run(settings) {
+    let server = burrow::driver::relay::StopPipe::new()
+        .and_then(|stop| {
+            stop.install_signal_handlers()?;
+            burrow::driver::relay::bind(settings.into_server_config(), stop)
+        })
+        .and_then(|server| server.run());
+    match server {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

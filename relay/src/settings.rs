@@ -54,6 +54,12 @@ pub struct Cli {
     /// Bytes of relayed data queued toward one TCP connection before dropping.
     #[arg(long)]
     pub tcp_queue_bytes: Option<usize>,
+    /// Bytes of relayed data queued toward all TCP connections together.
+    #[arg(long)]
+    pub max_total_queue_bytes: Option<usize>,
+    /// `Connect`/`UpdateCandidates` messages per second per session.
+    #[arg(long)]
+    pub control_msgs_per_sec: Option<u32>,
     /// Largest TCP frame body accepted, bytes.
     #[arg(long)]
     pub max_frame_bytes: Option<usize>,
@@ -98,6 +104,18 @@ pub struct Settings {
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:3478";
 
 impl Settings {
+    /// The library's server configuration.
+    pub fn into_server_config(self) -> burrow::driver::relay::RelayServerConfig {
+        burrow::driver::relay::RelayServerConfig {
+            listen: self.listen,
+            alt_listen: self.alt_listen,
+            metrics: self.metrics,
+            tokens: self.tokens,
+            udp_buffer_bytes: self.udp_buffer_bytes,
+            limits: self.limits,
+        }
+    }
+
     pub fn load(cli: Cli) -> Result<Settings, String> {
         let file = match &cli.config {
             Some(path) => {
@@ -120,6 +138,8 @@ impl Settings {
             relay_bytes_per_sec,
             relay_burst_bytes,
             tcp_queue_bytes,
+            max_total_queue_bytes,
+            control_msgs_per_sec,
             max_frame_bytes,
             idle_timeout_secs,
             handshake_timeout_secs

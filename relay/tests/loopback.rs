@@ -254,33 +254,9 @@ fn relays_tcp_to_udp_and_back() {
 fn stun_answered_for_coturn_client() {
     let relay = Relay::start(&[]);
     let port = relay.addr.port().to_string();
-    let child = std::process::Command::new("turnutils_stunclient")
-        .args(["-p", &port, "127.0.0.1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let child = match child {
-        Ok(c) => c,
-        Err(e) if std::env::var("BURROW_SKIP_COTURN").as_deref() == Ok("1") => {
-            eprintln!("skipping: turnutils_stunclient not runnable ({e})");
-            return;
-        }
-        Err(e) => panic!(
-            "turnutils_stunclient (Debian package coturn) is needed: {e}; set BURROW_SKIP_COTURN=1 to skip"
-        ),
+    let Some(text) = stunclient(&["-p", &port, "127.0.0.1"]) else {
+        return;
     };
-    let pid = child.id();
-    let guard = std::thread::spawn(move || {
-        std::thread::sleep(WAIT);
-        // SAFETY: kill(2) on the helper's pid if it is still running after the hang guard.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGKILL);
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    drop(guard);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let reflexive: SocketAddr = text
         .lines()
         .find_map(|l| l.split("UDP reflexive addr: ").nth(1))
@@ -505,4 +481,119 @@ fn stun_over_tcp_on_the_same_port() {
     s.read_exact(&mut resp[20..]).unwrap();
     let r = burrow::wire::stun::parse_binding_response(&resp).unwrap();
     assert_eq!(r.mapped, s.local_addr().unwrap());
+}
+
+/// Runs `turnutils_stunclient` with `args`; `None` when it is missing and
+/// `BURROW_SKIP_COTURN=1`.
+fn stunclient(args: &[&str]) -> Option<String> {
+    let child = std::process::Command::new("turnutils_stunclient")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var("BURROW_SKIP_COTURN").as_deref() == Ok("1") => {
+            eprintln!("skipping: turnutils_stunclient not runnable ({e})");
+            return None;
+        }
+        Err(e) => panic!(
+            "turnutils_stunclient (Debian package coturn) is needed: {e}; set BURROW_SKIP_COTURN=1 to skip"
+        ),
+    };
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    std::thread::spawn(move || {
+        for _ in 0..WAIT.as_millis() / 50 {
+            if done2.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: kill(2) on the helper's pid, still ours since `done` is unset.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    done.store(true, Ordering::SeqCst);
+    Some(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn rfc5780_discovery_with_coturn_client() {
+    let mut rng = Rng(seed("rfc5780"));
+    // Two fixed ports are needed (alt = primary port + 1, on 127.0.0.2): try a few.
+    let mut started = None;
+    for _ in 0..20 {
+        let port = 20_000 + rng.below(40_000) as u16;
+        let listen = format!("127.0.0.1:{port}");
+        let alt = format!("127.0.0.2:{}", port + 1);
+        if let Some(r) = Relay::try_start(&["--listen", &listen, "--alt-listen", &alt], &[]) {
+            started = Some((r, port));
+            break;
+        }
+    }
+    let (relay, port) = started.expect("no free port pair found");
+    let Some(text) = stunclient(&["-f", "-p", &port.to_string(), "127.0.0.1"]) else {
+        return;
+    };
+    // Response 1: from the primary, OTHER-ADDRESS = the alternate. Responses 2 and 3
+    // answer CHANGE-REQUEST(ip, port) from the alternate socket.
+    let alt = format!("127.0.0.2:{}", port + 1);
+    assert!(text.contains(&format!("Other addr: : {alt}")), "{text}");
+    assert!(text.contains("RFC 5780 response 2"), "{text}");
+    assert!(text.contains("RFC 5780 response 3"), "{text}");
+    assert!(
+        text.contains(&format!("Response origin: : {alt}")),
+        "{text}"
+    );
+    assert!(relay.metric("burrow_relay_stun_responses_total") >= 3);
+}
+
+#[test]
+fn limits_are_enforced_by_the_binary() {
+    let relay = Relay::start(&[
+        "--max-sessions-per-ip",
+        "2",
+        "--handshake-timeout-secs",
+        "1",
+    ]);
+    let mut s1 = Session::open(relay.addr);
+    let mut s2 = Session::open(relay.addr);
+    s1.challenge();
+    s2.challenge();
+    let mut s3 = Session::open(relay.addr);
+    match s3.recv() {
+        Got::Ctl(ServerMsg::Error {
+            code: ErrorCode::TooManySessions,
+            ..
+        }) => {}
+        g => panic!("expected TooManySessions, got {g:?}"),
+    }
+    // Never registering: the handshake timeout ends both.
+    for s in [&mut s1, &mut s2] {
+        match s.recv() {
+            Got::Ctl(ServerMsg::Error {
+                code: ErrorCode::HandshakeTimeout,
+                ..
+            }) => {}
+            g => panic!("expected HandshakeTimeout, got {g:?}"),
+        }
+    }
+    assert_eq!(
+        relay.metric("burrow_relay_limit_hits_total{limit=\"sessions_per_ip\"}"),
+        1
+    );
+    assert_eq!(
+        relay.metric("burrow_relay_limit_hits_total{limit=\"handshake_timeout\"}"),
+        2
+    );
+    // Anything but /metrics is a 404.
+    let mut h = TcpStream::connect(relay.metrics.unwrap()).unwrap();
+    h.write_all(b"GET /secret HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut h, &mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
 }

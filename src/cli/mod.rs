@@ -1,8 +1,13 @@
 //! clap front end: parses arguments, builds a node, runs one command on it.
 
+mod bench;
+mod demo;
 mod listen;
 mod netcheck;
 mod ping;
+mod pipe;
+mod send;
+mod stdio;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -12,6 +17,7 @@ use std::time::Duration;
 use burrow::driver::node::{DriverConfig, NodeDriver};
 use burrow::identity::Identity;
 use burrow::node::NodeConfig;
+use burrow::transport::{Transport, TransportConfig};
 use burrow::wire::PeerId;
 use clap::{Args, Parser, Subcommand};
 
@@ -36,6 +42,14 @@ enum Command {
     Listen(listen::ListenArgs),
     /// Ping a peer, printing every pong with the path it took and its round-trip time.
     Ping(ping::PingArgs),
+    /// Send files and directories to a listening peer (`burrow listen --out DIR`).
+    Send(send::SendArgs),
+    /// Connect stdin/stdout to a peer running `burrow listen --pipe` (netcat over P2P).
+    Pipe(pipe::PipeArgs),
+    /// Measure throughput to a listening peer, like iperf3.
+    Bench(bench::BenchArgs),
+    /// A relay and two nodes on 127.0.0.1 in this process: relay → direct, data, summary.
+    Demo(demo::DemoArgs),
 }
 
 /// Where the identity key lives.
@@ -83,6 +97,16 @@ fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
 }
 
 impl NodeArgs {
+    /// The node driver plus a QUIC transport speaking as the same identity.
+    fn build_with_transport(&self) -> Result<(NodeDriver, Transport), String> {
+        let identity = self.identity.load()?;
+        let mut config = TransportConfig::default();
+        rand::fill(&mut config.rng_seed);
+        let transport = Transport::new(&identity, config)
+            .map_err(|e| format!("cannot set up QUIC/TLS: {e}"))?;
+        Ok((self.build()?, transport))
+    }
+
     fn build(&self) -> Result<NodeDriver, String> {
         let identity = self.identity.load()?;
         let relay = resolve("relay", &self.relay)?;
@@ -102,6 +126,19 @@ impl NodeArgs {
 pub(crate) fn parse_peer(s: &str) -> Result<PeerId, String> {
     s.parse::<PeerId>()
         .map_err(|e| format!("bad peer ID {s:?}: {e}"))
+}
+
+/// Parses repeated `--allow PEER` values.
+pub(crate) fn parse_allow(list: &[String]) -> Result<Vec<PeerId>, String> {
+    list.iter().map(|s| parse_peer(s)).collect()
+}
+
+/// How a path reads in summaries.
+pub(crate) fn describe_path(path: &burrow::node::PathKind) -> String {
+    match path {
+        burrow::node::PathKind::Direct(a) => format!("direct {a}"),
+        other => format!("via {}", other.name()),
+    }
 }
 
 pub(crate) fn fmt_rtt(d: Duration) -> String {
@@ -129,6 +166,10 @@ pub fn main() -> ExitCode {
         Command::Netcheck(args) => netcheck::run(args),
         Command::Listen(args) => listen::run(args),
         Command::Ping(args) => ping::run(args),
+        Command::Send(args) => send::run(args),
+        Command::Pipe(args) => pipe::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

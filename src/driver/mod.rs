@@ -5,4 +5,5 @@
 //! out their outputs.
 
 pub mod node;
+pub mod relay;
 pub mod udp;

@@ -217,8 +217,14 @@ impl NodeDriver {
             if self.core.poll_timeout().is_some_and(|t| t <= now) {
                 self.core.handle_timeout(now);
             }
-            app.on_tick(now, &mut self.core);
-            self.drain(now, app)?;
+            // An event handled during the drain may change what the app wants to do now
+            // (e.g. a path change starts the next phase): tick again until it is quiet.
+            for _ in 0..8 {
+                app.on_tick(now, &mut self.core);
+                if !self.drain(now, app)? {
+                    break;
+                }
+            }
             if app.is_done()
                 || deadline.is_some_and(|d| d <= now)
                 || self
@@ -414,7 +420,10 @@ impl NodeDriver {
         }
     }
 
-    fn drain(&mut self, now: Instant, app: &mut dyn NodeApp) -> io::Result<()> {
+    /// Sends what the core queued and hands its events to the app, until both are empty.
+    /// Returns whether any event reached the app.
+    fn drain(&mut self, now: Instant, app: &mut dyn NodeApp) -> io::Result<bool> {
+        let mut delivered = false;
         for _ in 0..1_000_000 {
             let mut progressed = false;
             if let Some(t) = self.blocked.take()
@@ -437,15 +446,18 @@ impl NodeDriver {
                 match ev {
                     NodeEvent::ConnectRelayTcp(addr) => self.open_relay(now, addr),
                     NodeEvent::CloseRelayTcp => self.close_relay(now, false),
-                    other => app.on_event(now, &mut self.core, other),
+                    other => {
+                        delivered = true;
+                        app.on_event(now, &mut self.core, other)
+                    }
                 }
             }
             if !progressed {
-                return Ok(());
+                return Ok(delivered);
             }
         }
         warn!("drain did not settle");
-        Ok(())
+        Ok(delivered)
     }
 
     fn flush_relay(&mut self, now: Instant) {

@@ -208,6 +208,13 @@ impl Discovery {
         Some(self.report(host_addrs))
     }
 
+    /// Whether the relay's transaction is still waiting for an answer.
+    pub fn relay_pending(&self) -> bool {
+        self.txs
+            .iter()
+            .any(|t| t.kind == StunServerKind::Relay && t.result.is_none())
+    }
+
     /// The relay's answer so far (our reflexive address), even mid-round.
     pub fn relay_mapped(&self) -> Option<SocketAddr> {
         self.txs

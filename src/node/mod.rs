@@ -221,8 +221,14 @@ pub enum SendError {
 enum Timer {
     /// Periodic re-discovery (roaming: a new reflexive address).
     Rediscover = 0,
+    /// Register now even though STUN has not answered yet.
+    RegisterDeadline = 1,
 }
-const TIMER_COUNT: usize = 1;
+const TIMER_COUNT: usize = 2;
+/// How long `Register` may wait for our reflexive address. Registering with it means the
+/// relay's introductions carry it; without it, a peer's first probes can arrive before
+/// ours left (see `punch`), which a bare masquerade NAT punishes.
+const REGISTER_WAIT: Duration = Duration::from_secs(1);
 /// How often the STUN round repeats to notice a changed mapping.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(120);
 /// Most app pings awaiting a pong.
@@ -264,6 +270,12 @@ pub struct NodeCore {
     nat: NatReport,
     netcheck_wanted: bool,
     advertised: Option<(Vec<Candidate>, NatReport)>,
+    pending_challenge: Option<[u8; 32]>,
+    /// Counts registrations, to tell a relay restart from a peer restart (see
+    /// `on_introduce`).
+    relay_epoch: u64,
+    /// Whether confirmed direct paths carry traffic (see [`NodeCore::set_direct_allowed`]).
+    direct_allowed: bool,
 }
 
 impl NodeCore {
@@ -291,6 +303,9 @@ impl NodeCore {
             nat: NatReport::default(),
             netcheck_wanted: false,
             advertised: None,
+            direct_allowed: true,
+            pending_challenge: None,
+            relay_epoch: 0,
         }
     }
 
@@ -321,6 +336,31 @@ impl NodeCore {
         self.nat
     }
 
+    /// Lets confirmed direct paths carry traffic (the default) or holds them back so that
+    /// everything stays on the relay while punching and keepalives go on underneath. Used to
+    /// measure the relay path (`burrow demo`, benchmarks) and by operators who want relayed
+    /// traffic only. Emits [`NodeEvent::PathChanged`] for every peer whose path changes.
+    pub fn set_direct_allowed(&mut self, now: Instant, allowed: bool) {
+        if self.direct_allowed == allowed {
+            return;
+        }
+        let before: Vec<_> = self
+            .peers
+            .handles()
+            .into_iter()
+            .map(|h| (h, self.path_of(now, h)))
+            .collect();
+        self.direct_allowed = allowed;
+        for (h, old) in before {
+            let new = self.path_of(now, h);
+            if new != old
+                && let (Some(path), Some(peer)) = (new, self.peers.get(h).map(|p| p.id))
+            {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
+    }
+
     /// The current path to a peer, `None` when there is none.
     pub fn path(&self, now: Instant, peer: &PeerId) -> Option<PathKind> {
         let h = self.peers.by_id(peer)?;
@@ -335,8 +375,12 @@ impl NodeCore {
     fn path_of(&self, now: Instant, h: PeerHandle) -> Option<PathKind> {
         let p = self.peers.get(h)?;
         path::choose(path::PathInputs {
-            direct: p.punch.direct().map(|d| d.remote),
-            has_channel: p.intro.is_some(),
+            direct: p
+                .punch
+                .direct()
+                .map(|d| d.remote)
+                .filter(|_| self.direct_allowed),
+            has_channel: p.intro.is_some() && p.channel_live,
             relay_registered: self.session.is_registered(),
             relay_udp: self.session.udp_works(now),
         })
@@ -399,7 +443,7 @@ impl NodeCore {
         let mut udp = Vec::new();
         self.session
             .on_timeout(now, &mut self.rng, &mut actions, &mut udp);
-        self.apply_session(now, actions, udp);
+        self.apply_session(actions, udp);
 
         let mut stun_out = Vec::new();
         self.discovery.on_timeout(now, &mut stun_out);
@@ -411,6 +455,11 @@ impl NodeCore {
             });
         }
         self.check_discovery(now);
+
+        if self.timers[Timer::RegisterDeadline as usize].is_some_and(|t| t <= now) {
+            self.timers[Timer::RegisterDeadline as usize] = None;
+            self.send_register();
+        }
 
         if self.timers[Timer::Rediscover as usize].is_some_and(|t| t <= now) {
             self.timers[Timer::Rediscover as usize] = Some(now + REDISCOVER_EVERY);
@@ -455,9 +504,10 @@ impl NodeCore {
 
     /// The relay TCP connection closed or could not be opened.
     pub fn handle_relay_closed(&mut self, now: Instant) {
+        self.pending_challenge = None;
         let mut actions = Vec::new();
         self.session.on_closed(now, &mut self.rng, &mut actions);
-        self.apply_session(now, actions, Vec::new());
+        self.apply_session(actions, Vec::new());
     }
 
     /// Bytes read from the relay TCP connection.
@@ -466,7 +516,7 @@ impl NodeCore {
         let mut incoming = Vec::new();
         self.session
             .on_tcp_data(now, data, &mut self.rng, &mut actions, &mut incoming);
-        self.apply_session(now, actions, Vec::new());
+        self.apply_session(actions, Vec::new());
         for inc in incoming {
             match inc {
                 Incoming::Control(msg) => self.on_server_msg(now, msg),
@@ -491,7 +541,7 @@ impl NodeCore {
                             debug!("relay forgot our UDP token; re-registering");
                             let mut actions = Vec::new();
                             self.session.reset(now, &mut self.rng, &mut actions);
-                            self.apply_session(now, actions, Vec::new());
+                            self.apply_session(actions, Vec::new());
                         }
                         UdpOutcome::Nothing => {}
                     },
@@ -512,7 +562,11 @@ impl NodeCore {
                 },
                 packet,
             ),
-            PacketClass::Quic => match self.peers.by_direct(from) {
+            PacketClass::Quic => match self
+                .peers
+                .by_direct(from)
+                .or_else(|| self.peers.by_validated(from))
+            {
                 Some(h) => {
                     if let Some(p) = self.peers.get_mut(h) {
                         p.punch.note_received(now, from, &self.cfg.punch);
@@ -647,7 +701,7 @@ impl NodeCore {
 
     // ------------------------------------------------------------------ internals
 
-    fn apply_session(&mut self, now: Instant, actions: Vec<SessionAction>, udp: Vec<Vec<u8>>) {
+    fn apply_session(&mut self, actions: Vec<SessionAction>, udp: Vec<Vec<u8>>) {
         for contents in udp {
             self.transmits.push_back(Transmit {
                 source: None,
@@ -660,18 +714,20 @@ impl NodeCore {
                 SessionAction::Connect(addr) => {
                     self.events.push_back(NodeEvent::ConnectRelayTcp(addr))
                 }
-                SessionAction::Close => self.events.push_back(NodeEvent::CloseRelayTcp),
+                SessionAction::Close => {
+                    self.pending_challenge = None;
+                    self.events.push_back(NodeEvent::CloseRelayTcp)
+                }
                 SessionAction::Lost => {
                     self.advertised = None;
                     self.events.push_back(NodeEvent::RelayLost);
-                    // Relayed paths are gone until re-introduction; say so for peers
-                    // without a direct path.
+                    // Relay channels die with the session; direct paths live on. The
+                    // initiator re-requests introductions after re-registering.
                     for h in self.peers.handles() {
-                        let Some(p) = self.peers.get_mut(h) else {
-                            continue;
-                        };
-                        p.pending_request = None;
-                        let _ = now;
+                        self.peers.clear_channel(h);
+                        if let Some(p) = self.peers.get_mut(h) {
+                            p.pending_request = None;
+                        }
                     }
                 }
             }
@@ -703,6 +759,7 @@ impl NodeCore {
             debug!(%addr, "reflexive address");
             self.reflexive = Some(addr);
         }
+        self.send_register();
         self.maybe_update_candidates(now);
     }
 
@@ -726,6 +783,10 @@ impl NodeCore {
         {
             self.set_reflexive(now, m);
         }
+        if !self.discovery.relay_pending() {
+            // Answered or failed: nothing left to wait for.
+            self.send_register();
+        }
         if let Some(report) = self.discovery.take_report(&self.cfg.local_addrs) {
             self.nat = report.nat;
             if let Some(p) = report.public_addr {
@@ -743,20 +804,12 @@ impl NodeCore {
         match msg {
             ServerMsg::Challenge { nonce, .. } => {
                 if self.session.on_challenge(now) {
-                    let candidates = self.candidates();
-                    let reg = Register {
-                        peer_id: self.peer_id(),
-                        signature: self
-                            .cfg
-                            .identity
-                            .sign(&control::register_signed_bytes(&nonce)),
-                        token: self.cfg.token.clone(),
-                        candidates: candidates.clone(),
-                        nat: self.nat,
-                        agent: self.cfg.agent.clone(),
-                    };
-                    self.session.send_control(&ClientMsg::Register(reg));
-                    self.advertised = Some((candidates, self.nat));
+                    self.pending_challenge = Some(nonce);
+                    if self.reflexive.is_some() || !self.discovery.relay_pending() {
+                        self.send_register();
+                    } else {
+                        self.timers[Timer::RegisterDeadline as usize] = Some(now + REGISTER_WAIT);
+                    }
                 }
             }
             ServerMsg::Registered {
@@ -773,9 +826,10 @@ impl NodeCore {
                     stun_alternate,
                     &mut udp,
                 ) {
-                    self.apply_session(now, Vec::new(), udp);
+                    self.apply_session(Vec::new(), udp);
                     self.events
                         .push_back(NodeEvent::Registered { observed_tcp });
+                    self.relay_epoch += 1;
                     self.maybe_update_candidates(now);
                     // Re-request introductions for peers we want (after a relay restart).
                     for h in self.peers.handles() {
@@ -809,16 +863,10 @@ impl NodeCore {
                     && self.peers.get(h).is_some_and(|p| p.id == peer)
                 {
                     self.peers.clear_channel(h);
-                    if let Some(p) = self.peers.get_mut(h) {
-                        if p.punch.direct().is_none() {
-                            p.punch.stop();
-                        }
-                        p.intro = p.intro.map(|mut k| {
-                            // Keep the keys (a direct path still uses them) but make the
-                            // channel unusable by pointing it nowhere.
-                            k.channel = ChannelId(u32::MAX);
-                            k
-                        });
+                    if let Some(p) = self.peers.get_mut(h)
+                        && p.punch.direct().is_none()
+                    {
+                        p.punch.stop();
                     }
                     self.events.push_back(NodeEvent::PeerGone { peer });
                 }
@@ -839,18 +887,60 @@ impl NodeCore {
                 if let Some(h) = self.peers.by_channel(channel)
                     && let Some(p) = self.peers.get_mut(h)
                     && p.id == peer
-                    && p.punch.direct().is_none()
                 {
+                    // Keep them even while a direct path works: when it dies (the peer
+                    // roamed), the next attempt must aim at the new addresses.
                     p.punch.start(now, &candidates, nat, fam);
                 }
             }
         }
     }
 
+    fn send_register(&mut self) {
+        let Some(nonce) = self.pending_challenge.take() else {
+            return;
+        };
+        self.timers[Timer::RegisterDeadline as usize] = None;
+        let candidates = self.candidates();
+        let reg = Register {
+            peer_id: self.peer_id(),
+            signature: self
+                .cfg
+                .identity
+                .sign(&control::register_signed_bytes(&nonce)),
+            token: self.cfg.token.clone(),
+            candidates: candidates.clone(),
+            nat: self.nat,
+            agent: self.cfg.agent.clone(),
+        };
+        self.session.send_control(&ClientMsg::Register(reg));
+        self.advertised = Some((candidates, self.nat));
+    }
+
     fn on_introduce(&mut self, now: Instant, intro: control::Introduction) {
         let peer = intro.peer;
         let fam = self.families();
         let h = self.peers.get_or_insert(peer, || new_peer(peer));
+        // A fresh nonce within the same relay session is a new session of the peer (it
+        // restarted or reconnected): its old direct path is stale, and keeping it would send
+        // everything into a dead socket until the path timeout. Forget it and punch again.
+        // A re-introduction after *our* relay session was re-established (relay restart) is
+        // not: the direct path kept working through the outage and stays.
+        let epoch = self.relay_epoch;
+        let old_direct = self
+            .peers
+            .get(h)
+            .filter(|p| p.intro_epoch == epoch)
+            .filter(|p| p.intro.is_some_and(|k| k.nonce != intro.punch_nonce))
+            .and_then(|p| p.punch.direct().map(|d| d.remote));
+        if let Some(p) = self.peers.get_mut(h) {
+            p.intro_epoch = epoch;
+        }
+        if old_direct.is_some()
+            && let Some(p) = self.peers.get_mut(h)
+        {
+            p.punch.forget_direct();
+        }
         let keys = IntroKeys {
             channel: intro.channel,
             nonce: intro.punch_nonce,
@@ -869,6 +959,12 @@ impl NodeCore {
             peer,
             role: intro.role,
         });
+        if old_direct.is_some() {
+            self.peers.set_direct(h, old_direct, None);
+            if let Some(path) = self.path_of(now, h) {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }
@@ -920,7 +1016,11 @@ impl NodeCore {
         let peer_id = p.id;
         if let Via::Direct { from, .. } = via {
             p.punch.note_received(now, from, &self.cfg.punch);
+            self.peers.validate_addr(h, from);
         }
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
         match (pkt.kind, via) {
             (PunchType::Probe, Via::Direct { local, from }) => {
                 let mut out = Vec::new();
@@ -1011,11 +1111,39 @@ impl NodeCore {
             return;
         };
         let path = match u {
+            PathUpdate::Direct(_) if !self.direct_allowed => None,
             PathUpdate::Direct(a) => Some(PathKind::Direct(a)),
             PathUpdate::Lost => self.path_of(now, h),
+            PathUpdate::RetryDue => {
+                self.retry_punch(now, h);
+                None
+            }
         };
         if let Some(path) = path {
             self.events.push_back(NodeEvent::PathChanged { peer, path });
+        }
+    }
+}
+
+impl NodeCore {
+    /// A punching backoff ran out. With a relay, the initiator asks for a fresh
+    /// introduction (both sides then start at the same moment) and the responder waits for
+    /// it; without one, both restart locally.
+    fn retry_punch(&mut self, now: Instant, h: PeerHandle) {
+        let Some(p) = self.peers.get(h) else { return };
+        let role = p.intro.map(|k| k.role);
+        let via_relay = self.session.is_registered() && p.channel_live;
+        match (via_relay, role) {
+            (true, Some(Role::Initiator)) => {
+                debug!(peer = %p.id.short(), "punch retry: asking for a fresh introduction");
+                self.send_connect(h);
+            }
+            (true, _) => {}
+            (false, _) => {
+                if let Some(p) = self.peers.get_mut(h) {
+                    p.punch.restart(now);
+                }
+            }
         }
     }
 }
@@ -1026,6 +1154,9 @@ fn new_peer(id: PeerId) -> Peer {
         wanted: false,
         pending_request: None,
         intro: None,
+        channel_live: false,
         punch: PunchState::default(),
+        validated: Vec::new(),
+        intro_epoch: 0,
     }
 }

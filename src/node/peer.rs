@@ -47,11 +47,24 @@ pub(crate) struct Peer {
     pub wanted: bool,
     /// `request_id` of our outstanding `Connect`, if any.
     pub pending_request: Option<u32>,
-    /// The live introduction, if any.
+    /// The current introduction, if any (its keys outlive the relay channel: a direct path
+    /// keeps using the nonce after the relay forgot the pair).
     pub intro: Option<IntroKeys>,
+    /// The introduction's relay channel still forwards (false after `PeerGone` or when the
+    /// relay session was lost, until the next introduction).
+    pub channel_live: bool,
     /// Punching and the direct path.
     pub punch: PunchState,
+    /// Addresses that sent us an authenticated punch packet for this peer, newest last.
+    /// QUIC datagrams are accepted from these too, so the two sides may pick different
+    /// direct paths (say, LAN one way, public the other) without losing data.
+    pub validated: Vec<SocketAddr>,
+    /// The node's relay epoch (registration count) when `intro` arrived.
+    pub intro_epoch: u64,
 }
+
+/// Most validated addresses remembered per peer.
+const MAX_VALIDATED: usize = 8;
 
 /// The slab plus its indexes. All mutations of indexed fields go through here so the maps
 /// never disagree with the entries.
@@ -63,6 +76,7 @@ pub(crate) struct PeerTable {
     by_channel: HashMap<ChannelId, PeerHandle>,
     by_tag: HashMap<u64, PeerHandle>,
     by_direct: HashMap<SocketAddr, PeerHandle>,
+    by_validated: HashMap<SocketAddr, PeerHandle>,
 }
 
 impl PeerTable {
@@ -115,6 +129,32 @@ impl PeerTable {
         self.by_direct.get(&addr).copied()
     }
 
+    /// The peer that sent an authenticated punch packet from this address.
+    pub fn by_validated(&self, addr: SocketAddr) -> Option<PeerHandle> {
+        self.by_validated.get(&addr).copied()
+    }
+
+    /// Records that `addr` proved (with a MAC) to be the peer's.
+    pub fn validate_addr(&mut self, h: PeerHandle, addr: SocketAddr) {
+        let Some(p) = self.get_mut(h) else { return };
+        if p.validated.last() == Some(&addr) {
+            return;
+        }
+        p.validated.retain(|a| *a != addr);
+        let evicted = if p.validated.len() >= MAX_VALIDATED {
+            Some(p.validated.remove(0))
+        } else {
+            None
+        };
+        p.validated.push(addr);
+        if let Some(old) = evicted
+            && self.by_validated.get(&old) == Some(&h)
+        {
+            self.by_validated.remove(&old);
+        }
+        self.by_validated.insert(addr, h);
+    }
+
     /// Installs a (new) introduction, replacing the channel and tag indexes of the old one.
     pub fn set_intro(&mut self, h: PeerHandle, keys: IntroKeys) {
         let Some(p) = self.get_mut(h) else { return };
@@ -125,13 +165,19 @@ impl PeerTable {
         }
         self.by_channel.insert(keys.channel, h);
         self.by_tag.insert(keys.tag, h);
+        if let Some(p) = self.get_mut(h) {
+            p.channel_live = true;
+        }
     }
 
     /// Forgets the introduction (peer gone from the relay), keeping the peer and any
     /// working direct path.
     pub fn clear_channel(&mut self, h: PeerHandle) {
-        let Some(p) = self.get(h) else { return };
-        if let Some(keys) = p.intro {
+        let Some(p) = self.get_mut(h) else { return };
+        p.channel_live = false;
+        if let Some(keys) = p.intro
+            && self.by_channel.get(&keys.channel) == Some(&h)
+        {
             self.by_channel.remove(&keys.channel);
         }
     }
@@ -176,6 +222,7 @@ impl PeerTable {
             self.by_tag.remove(&k.tag);
         }
         self.by_direct.retain(|_, v| *v != h);
+        self.by_validated.retain(|_, v| *v != h);
         Some(p)
     }
 }
@@ -190,7 +237,10 @@ mod tests {
             wanted: false,
             pending_request: None,
             intro: None,
+            channel_live: false,
             punch: PunchState::default(),
+            validated: Vec::new(),
+            intro_epoch: 0,
         }
     }
 
@@ -226,6 +276,16 @@ mod tests {
         assert_eq!(t.by_direct(addr), Some(a));
         t.set_direct(a, Some(addr), None);
         assert_eq!(t.by_direct(addr), None);
+        for port in 0..20 {
+            t.validate_addr(a, SocketAddr::new(addr.ip(), port));
+        }
+        assert_eq!(t.get(a).unwrap().validated.len(), MAX_VALIDATED);
+        assert_eq!(
+            t.by_validated(SocketAddr::new(addr.ip(), 0)),
+            None,
+            "evicted"
+        );
+        assert_eq!(t.by_validated(SocketAddr::new(addr.ip(), 19)), Some(a));
         assert_eq!(t.len(), 1);
     }
 }

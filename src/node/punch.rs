@@ -9,8 +9,9 @@
 //! that arrives *before* our own first outbound packet creates a conntrack entry that makes
 //! our later mapping toward that peer pick another port (see DESIGN.md).
 //!
-//! * Pacing: one probe every [`PunchConfig::pace`] (ICE's Ta = 50 ms, RFC 8445 section
-//!   14.2) so a node with many candidates does not burst.
+//! * Pacing: the first round goes out back to back (up to 16 candidates), so that every
+//!   mapping toward the peer exists before the peer's first probe can arrive; later rounds
+//!   send one probe every [`PunchConfig::pace`] (ICE's Ta = 50 ms, RFC 8445 section 14.2).
 //! * Rounds: the candidate list is probed again after 200 ms, then doubling up to 1 s,
 //!   until [`PunchConfig::punch_duration`]. Loss of 20 % still lets one of ~13 rounds
 //!   through with near certainty.
@@ -25,7 +26,12 @@
 //! * Prediction: a peer reporting endpoint-dependent mapping with sequential port
 //!   allocation gets predicted candidates at the next few ports after its reflexive one.
 //! * Failure: after `punch_duration` without an ack, traffic stays relayed and punching
-//!   restarts after a backoff (10 s doubling to 2 min).
+//!   restarts after a backoff (30 s doubling to 2 min, plus up to 25 % jitter). The
+//!   initiator restarts it by asking the relay for a fresh introduction, so both sides
+//!   start together again (an unsynchronised retry is exactly what provokes the conntrack
+//!   clash); the responder waits for that introduction. The first gap is 30 s because a
+//!   clash entry left by the failed attempt lives 30 s after the peer's last probe on a
+//!   Linux router: retrying sooner would run into it again.
 //!
 //! # Keepalive and liveness
 //! The direct path carries a `Ping` every [`PunchConfig::keepalive`] (default 15 s) when
@@ -64,7 +70,8 @@ pub struct PunchConfig {
     pub heartbeat: Duration,
     /// A direct path with an unanswered ping this long is dead.
     pub path_timeout: Duration,
-    /// First retry delay after a failed attempt (doubles up to `retry_max`).
+    /// First retry delay after a failed attempt (doubles up to `retry_max`); at least the
+    /// 30 s a conntrack clash entry outlives the peer's last probe.
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
@@ -78,7 +85,7 @@ impl Default for PunchConfig {
             keepalive: Some(Duration::from_secs(15)),
             heartbeat: Duration::from_secs(3),
             path_timeout: Duration::from_millis(6500),
-            retry_min: Duration::from_secs(10),
+            retry_min: Duration::from_secs(30),
             retry_max: Duration::from_secs(120),
         }
     }
@@ -146,8 +153,12 @@ pub(crate) enum PathUpdate {
     Direct(SocketAddr),
     /// The direct path died (or punching failed): traffic goes via the relay.
     Lost,
+    /// A failed attempt's backoff is over: time to punch again.
+    RetryDue,
 }
 
+/// Candidates probed back to back (unpaced) in the first round.
+const FIRST_ROUND_BURST: usize = 16;
 /// Most outstanding probe/ping transaction IDs remembered.
 const MAX_OUTSTANDING: usize = 128;
 /// Most candidates kept per peer.
@@ -287,6 +298,20 @@ impl PunchState {
         });
     }
 
+    /// Starts a new attempt now with the known candidates (retry without a relay).
+    pub fn restart(&mut self, now: Instant) {
+        if self.direct.is_none() {
+            self.begin(now);
+        }
+    }
+
+    /// Drops the direct path without waiting for it to time out: a new introduction (a new
+    /// punch nonce) means the peer started a new session, possibly from another socket, and
+    /// the old path can no longer be authenticated.
+    pub fn forget_direct(&mut self) -> bool {
+        self.direct.take().is_some()
+    }
+
     /// Stops everything (peer gone for good).
     pub fn stop(&mut self) {
         self.probing = None;
@@ -341,8 +366,13 @@ impl PunchState {
                 }
             }
         }
-        if self.retry_at.is_some_and(|t| t <= now) && self.direct.is_none() {
-            self.begin(now);
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            if self.direct.is_none() {
+                // The node core decides how: a fresh introduction (both sides start
+                // together) or, without a relay, a local restart via `restart`.
+                return Some(PathUpdate::RetryDue);
+            }
         }
         // Bounded: at most one round's worth of probes per call.
         let mut budget = self.cands.len() + 1;
@@ -375,6 +405,11 @@ impl PunchState {
                 p.round += 1;
                 p.round_start += interval;
                 p.next_send = p.round_start.max(now);
+            } else if p.round == 0 && p.next_index < FIRST_ROUND_BURST {
+                // The first round goes out at once: every mapping toward the peer must exist
+                // before the peer's first probe can arrive (one one-way delay later), or a
+                // bare masquerade NAT turns that early probe into a conntrack clash.
+                p.next_send = now;
             } else {
                 p.next_send = now + cfg.pace;
             }
@@ -551,10 +586,12 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(p.on_timeout(t0, &k, &cfg, &mut rng, &mut out), None);
-        assert_eq!(out.len(), 1, "one probe per pace slot");
-        assert_eq!(p.poll_timeout(), Some(t0 + cfg.pace));
-        p.on_timeout(t0 + cfg.pace, &k, &cfg, &mut rng, &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 2, "first round in one burst");
+        let second_round = p.poll_timeout().unwrap();
+        assert_eq!(second_round, t0 + Duration::from_millis(200));
+        p.on_timeout(second_round, &k, &cfg, &mut rng, &mut out);
+        assert_eq!(out.len(), 3, "later rounds paced");
+        assert_eq!(p.poll_timeout(), Some(second_round + cfg.pace));
         // Answer the first probe as the peer would.
         let probe = punch::decode(&k.nonce, &out[0].contents).unwrap();
         let upd = p.on_ack(t0, None, out[0].destination, probe.txid, &cfg);

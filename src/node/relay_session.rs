@@ -13,7 +13,8 @@
 //! * TCP: a `Ping` every `keepalive_secs` (from `Registered`); three intervals without any
 //!   byte from the relay close the session (a half-open TCP connection never errors).
 //! * UDP: `UdpMsg::Bind` with the session's token, retransmitted from 500 ms doubling (RFC
-//!   8489's RTO rule, reused) until `Bound`, then repeated every 15 s so that the NAT
+//!   8489's RTO rule, reused, capped at 8 s) until `Bound`, then repeated every 15 s (each
+//!   repetition again retransmitted until answered) so that the NAT
 //!   mapping toward the relay (30 s on Linux conntrack) never expires. UDP "works" while a
 //!   `Bound` arrived within the last 45 s. Until then relayed data goes over TCP; the relay
 //!   is told which transport to use with `SetRelayTransport`.
@@ -291,13 +292,10 @@ impl RelaySession {
             udp_out.push(pkt);
         }
         self.bind_sent_at = Some((self.bind_seq, now));
-        if self.udp_works(now) {
-            self.next_bind = Some(now + BIND_KEEPALIVE);
-            self.bind_rto = BIND_RTO;
-        } else {
-            self.next_bind = Some(now + self.bind_rto);
-            self.bind_rto = (self.bind_rto * 2).min(BIND_RTO_MAX);
-        }
+        // Until a `Bound` answers this bind, retransmit on the RTO schedule (a lost
+        // keepalive must not wait a whole keepalive interval); `Bound` re-arms 15 s.
+        self.next_bind = Some(now + self.bind_rto);
+        self.bind_rto = (self.bind_rto * 2).min(BIND_RTO_MAX);
     }
 
     /// Tells the relay which transport to use for our relayed data when that changed.
@@ -441,12 +439,9 @@ impl RelaySession {
                 {
                     self.rtt = Some(now.saturating_duration_since(at));
                 }
-                let first = !self.udp_works(now);
                 self.last_bound = Some(now);
-                if first {
-                    self.next_bind = Some(now + BIND_KEEPALIVE);
-                    self.bind_rto = BIND_RTO;
-                }
+                self.next_bind = Some(now + BIND_KEEPALIVE);
+                self.bind_rto = BIND_RTO;
                 self.sync_transport(now);
                 let changed = self.udp_observed != Some(observed);
                 self.udp_observed = Some(observed);

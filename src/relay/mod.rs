@@ -22,5 +22,9 @@ pub use self::config::{Limits, RelayConfig};
 pub use self::core::{ConnId, Event, Forward, RelayCore, Transmit};
 pub use self::metrics::Metrics;
 
+/// Scenarios of the real node core against the real relay core in the simulator (the
+/// adapter is `crate::sim::RealRelay`).
+#[cfg(test)]
+mod sim_tests;
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! Deterministic in-memory network with RFC 4787 NAT models and a virtual clock.
 //!
-//! The simulator runs the real [`NodeCore`]s and a relay behind the [`SimRelay`] trait
-//! (today [`FakeRelay`]; the real `RelayCore` plugs in through the same trait). Nothing
+//! The simulator runs the real [`NodeCore`]s and the real [`crate::relay::RelayCore`]
+//! (through the [`SimRelay`] trait, see [`RealRelay`]; a test may plug in another relay). Nothing
 //! sleeps: time is a base `Instant` plus a virtual offset that jumps to the next event.
 //! Every random choice (loss, jitter, NAT ports, node RNG seeds, identities) comes from one
 //! seeded `ChaCha20Rng`, so a seed reproduces a run exactly.
@@ -14,8 +14,9 @@
 //! TCP (node ↔ relay only) is a reliable in-order byte pipe through the NAT; a lost
 //! segment costs a retransmission timeout instead of disappearing.
 
-mod fake_relay;
 pub mod nat;
+mod real_relay;
+pub mod scenario;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -25,8 +26,8 @@ use std::time::{Duration, Instant};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-pub use fake_relay::FakeRelay;
 pub use nat::{Filtering, Mapping, Nat, NatConfig, PortAlloc};
+pub use real_relay::RealRelay;
 
 use crate::identity::Identity;
 use crate::node::{NodeConfig, NodeCore, NodeEvent, Transmit};
@@ -88,12 +89,17 @@ pub trait SimRelay {
     fn handle_timeout(&mut self, now: Instant);
 }
 
-/// Makes a relay (again, after a restart) from a seed.
-pub type RelayFactory = Box<dyn FnMut(u64) -> Box<dyn SimRelay>>;
+/// Makes a relay (again, after a restart) from a seed, at a virtual instant.
+pub type RelayFactory = Box<dyn FnMut(u64, Instant) -> Box<dyn SimRelay>>;
 
-/// A factory for the fake relay.
-pub fn fake_relay_factory() -> RelayFactory {
-    Box::new(|seed| Box::new(FakeRelay::new(RELAY_ADDR, RELAY_ALT_ADDR, seed)))
+/// A factory for the real [`crate::relay::RelayCore`] at [`RELAY_ADDR`] with
+/// [`RELAY_ALT_ADDR`] as its RFC 5780 alternate.
+pub fn real_relay_factory() -> RelayFactory {
+    Box::new(|seed, now| {
+        let mut cfg = crate::relay::RelayConfig::new(RELAY_ADDR, seed);
+        cfg.alt_listen = Some(RELAY_ALT_ADDR);
+        Box::new(RealRelay::new(cfg, now))
+    })
 }
 
 /// Network-wide parameters.
@@ -223,6 +229,9 @@ pub struct Sim {
     next_tcp_port: u16,
     /// Pairs of IPs between which internet packets are dropped (a broken path).
     pub partitions: Vec<(IpAddr, IpAddr)>,
+    /// Extra delay on relay → host TCP bytes, per host (a stalled TCP path, e.g. a
+    /// retransmission), to make one side's introduction arrive late.
+    pub tcp_stall: HashMap<HostId, Duration>,
     /// UDP packets delivered / lost (diagnostics).
     pub stats: SimStats,
 }
@@ -239,16 +248,16 @@ pub struct SimStats {
 }
 
 impl Sim {
-    /// An empty world with the fake relay.
+    /// An empty world with the real relay core.
     pub fn new(seed: u64, cfg: SimConfig) -> Self {
-        Self::with_relay(seed, cfg, fake_relay_factory())
+        Self::with_relay(seed, cfg, real_relay_factory())
     }
 
     /// An empty world with a relay from `factory`.
     pub fn with_relay(seed: u64, cfg: SimConfig, mut factory: RelayFactory) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let relay = factory(rng.random());
         let start = Instant::now();
+        let relay = factory(rng.random(), start);
         Sim {
             seed,
             start,
@@ -267,6 +276,7 @@ impl Sim {
             next_conn: 1,
             next_tcp_port: 50000,
             partitions: Vec::new(),
+            tcp_stall: HashMap::new(),
             stats: SimStats::default(),
         }
     }
@@ -498,7 +508,7 @@ impl Sim {
                         continue;
                     }
                     let h = c.host;
-                    let d = self.tcp_delay(h);
+                    let d = self.tcp_delay(h) + self.tcp_stall.get(&h).copied().unwrap_or_default();
                     let c = self.conns.get_mut(&conn).expect("checked");
                     let at = (self.now + d).max(c.last_down + Duration::from_nanos(1));
                     c.last_down = at;
@@ -648,7 +658,6 @@ impl Sim {
             }
             Ev::TcpToHost(conn, bytes) => {
                 if let Some(c) = self.conns.get(&conn)
-                    && c.alive
                     && self.hosts[c.host].tcp == Some(conn)
                 {
                     let h = c.host;
@@ -747,7 +756,8 @@ impl Sim {
             }
         }
         let seed = self.rng.random();
-        self.relay = (self.relay_factory)(seed);
+        let up_at = self.now + down_for;
+        self.relay = (self.relay_factory)(seed, up_at);
         self.relay_down_until = Some(self.now + down_for);
     }
 
@@ -762,5 +772,7 @@ impl Sim {
     }
 }
 
+#[cfg(test)]
+mod matrix;
 #[cfg(test)]
 mod tests;

@@ -149,7 +149,9 @@ struct Entry {
     clash_override: bool,
     external_port: u16,
     last_out: Instant,
-    contacted: Vec<SocketAddr>,
+    /// Remotes sent to, with the last outbound time: a filter permission lives as long as
+    /// a mapping (conntrack keeps one entry per flow, each with its own timeout).
+    contacted: Vec<(SocketAddr, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -195,6 +197,13 @@ impl Nat {
         }
     }
 
+    /// A reboot with a new public address (an ISP renumbering): every mapping is gone.
+    pub fn reboot(&mut self, public_ip: IpAddr) {
+        self.public_ip = public_ip;
+        self.entries.clear();
+        self.clashes.clear();
+    }
+
     /// Whether `ip` is inside this NAT's private subnet.
     pub fn is_inside(&self, ip: IpAddr) -> bool {
         match ip {
@@ -215,6 +224,10 @@ impl Nat {
         let t = self.cfg.mapping_timeout;
         self.entries
             .retain(|e| now.saturating_duration_since(e.last_out) < t);
+        for e in &mut self.entries {
+            e.contacted
+                .retain(|c| now.saturating_duration_since(c.1) < t);
+        }
         self.clashes.retain(|c| c.expires > now);
     }
 
@@ -291,7 +304,7 @@ impl Nat {
         let port = match existing {
             Some(i)
                 if self.cfg.conntrack_clash
-                    && !self.entries[i].contacted.contains(&remote)
+                    && !self.entries[i].contacted.iter().any(|c| c.0 == remote)
                     && self.clash(remote, self.entries[i].external_port) =>
             {
                 // The reply tuple is taken by the router's own conntrack entry: this
@@ -303,15 +316,16 @@ impl Nat {
                     clash_override: true,
                     external_port: p,
                     last_out: now,
-                    contacted: vec![remote],
+                    contacted: vec![(remote, now)],
                 });
                 return p;
             }
             Some(i) => {
                 let e = &mut self.entries[i];
                 e.last_out = now;
-                if !e.contacted.contains(&remote) {
-                    e.contacted.push(remote);
+                match e.contacted.iter_mut().find(|c| c.0 == remote) {
+                    Some(c) => c.1 = now,
+                    None => e.contacted.push((remote, now)),
                 }
                 return e.external_port;
             }
@@ -326,7 +340,7 @@ impl Nat {
             clash_override: false,
             external_port: port,
             last_out: now,
-            contacted: vec![remote],
+            contacted: vec![(remote, now)],
         });
         port
     }
@@ -335,7 +349,13 @@ impl Nat {
     /// or `None` when filtered (or no mapping).
     pub fn inbound(&mut self, now: Instant, remote: SocketAddr, port: u16) -> Option<SocketAddr> {
         self.expire(now);
-        if self.clash(remote, port) {
+        if let Some(c) = self
+            .clashes
+            .iter_mut()
+            .find(|c| c.remote == remote && c.port == port)
+        {
+            // Every packet refreshes the router's own conntrack entry.
+            c.expires = now + CLASH_LIFETIME;
             self.dropped_inbound += 1;
             return None;
         }
@@ -348,9 +368,11 @@ impl Nat {
                     match filtering {
                         Filtering::EndpointIndependent => true,
                         Filtering::AddressDependent => {
-                            e.contacted.iter().any(|c| c.ip() == remote.ip())
+                            e.contacted.iter().any(|c| c.0.ip() == remote.ip())
                         }
-                        Filtering::AddressPortDependent => e.contacted.contains(&remote),
+                        Filtering::AddressPortDependent => {
+                            e.contacted.iter().any(|c| c.0 == remote)
+                        }
                     }
                 }
         });

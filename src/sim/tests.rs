@@ -60,3 +60,395 @@ fn two_port_restricted_nodes_go_direct() {
     assert_eq!(sim.hosts[a].received.len(), 1);
     assert!(sim.has_event(a, |e| matches!(e, NodeEvent::Introduced { .. })));
 }
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Two hosts behind their own NATs (or the same one), registered and connected; returns
+/// whether both went direct within 10 s.
+fn pair(
+    sim: &mut Sim,
+    nat_a: NatId,
+    nat_b: NatId,
+    tweak: impl Fn(&mut crate::node::NodeConfig) + Copy,
+) -> (HostId, HostId, bool) {
+    let a = sim.add_host(Some(nat_a), ms(0), tweak);
+    let b = sim.add_host(Some(nat_b), ms(0), tweak);
+    let seed = sim.seed;
+    assert!(
+        sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)),
+        "seed {seed}: not registered"
+    );
+    sim.run_for(secs(2));
+    let bid = sim.hosts[b].peer_id();
+    sim.with_node(a, |n, now| n.connect(now, bid));
+    let ok = sim.run_until(secs(10), |s| direct(s, a, b) && direct(s, b, a));
+    (a, b, ok)
+}
+
+fn send(sim: &mut Sim, from: HostId, to: HostId, i: u32) -> Option<PathKind> {
+    let id = sim.hosts[to].peer_id();
+    sim.with_node(from, |n, now| n.send_datagram(now, &id, &quic(i)).ok())
+}
+
+fn got(sim: &Sim, h: HostId, i: u32) -> bool {
+    sim.hosts[h]
+        .received
+        .iter()
+        .any(|(_, _, b)| b[1..5] == i.to_be_bytes())
+}
+
+#[test]
+fn nat_mapping_expires_without_keepalives_and_survives_with_them() {
+    init_log();
+    for keepalive in [true, false] {
+        let seed = 7;
+        let mut sim = Sim::new(seed, SimConfig::default());
+        let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+        let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
+        let (a, b, ok) = pair(&mut sim, na, nb, |c| {
+            if !keepalive {
+                c.punch.keepalive = None;
+            }
+        });
+        assert!(ok, "seed {seed}: no direct path");
+        // Idle well past the 30 s UDP timeout of both NATs.
+        sim.run_for(secs(70));
+        let before = sim.nats[nb].dropped_inbound;
+        let path = send(&mut sim, a, b, 1);
+        assert!(
+            matches!(path, Some(PathKind::Direct(_))),
+            "seed {seed}: {path:?}"
+        );
+        sim.run_for(secs(1));
+        if keepalive {
+            assert!(
+                got(&sim, b, 1),
+                "seed {seed}: keepalives did not hold the mapping"
+            );
+            assert_eq!(sim.nats[nb].dropped_inbound, before);
+        } else {
+            assert!(!got(&sim, b, 1), "seed {seed}: mapping should have expired");
+            assert!(sim.nats[nb].dropped_inbound > before);
+            // The node notices (heartbeat ping unanswered), falls back, re-punches, and
+            // data flows again.
+            sim.run_for(secs(10));
+            assert!(
+                sim.has_event(a, |e| matches!(
+                    e,
+                    NodeEvent::PathChanged {
+                        path: PathKind::RelayUdp,
+                        ..
+                    }
+                )),
+                "seed {seed}: dead path never noticed"
+            );
+            send(&mut sim, a, b, 2);
+            sim.run_for(secs(1));
+            assert!(got(&sim, b, 2), "seed {seed}: no recovery");
+        }
+    }
+}
+
+#[test]
+fn direct_path_dies_mid_session_then_returns() {
+    init_log();
+    let seed = 11;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::restricted_cone(), ms(30));
+    let (a, b, ok) = pair(&mut sim, na, nb, |_| {});
+    assert!(ok, "seed {seed}: no direct path");
+    let (ia, ib) = (sim.public_ip(a), sim.public_ip(b));
+    sim.partitions.push((ia, ib));
+    // Traffic every 100 ms through the outage.
+    let mut i = 0;
+    let mut relayed_delivered = false;
+    for _ in 0..300 {
+        i += 1;
+        let path = send(&mut sim, a, b, i);
+        sim.run_for(ms(100));
+        if path == Some(PathKind::RelayUdp) && got(&sim, b, i) {
+            relayed_delivered = true;
+        }
+    }
+    assert!(
+        sim.has_event(a, |e| matches!(
+            e,
+            NodeEvent::PathChanged {
+                path: PathKind::RelayUdp,
+                ..
+            }
+        )),
+        "seed {seed}: never fell back to the relay"
+    );
+    assert!(
+        relayed_delivered,
+        "seed {seed}: no traffic over the relay during the outage"
+    );
+    assert!(
+        !direct(&sim, a, b),
+        "seed {seed}: direct during a partition?"
+    );
+    sim.partitions.clear();
+    let back = sim.run_until(secs(180), |s| direct(s, a, b) && direct(s, b, a));
+    assert!(back, "seed {seed}: direct path never came back");
+    i += 1;
+    assert!(matches!(send(&mut sim, a, b, i), Some(PathKind::Direct(_))));
+    sim.run_for(secs(1));
+    assert!(got(&sim, b, i));
+}
+
+#[test]
+fn relay_restart_nodes_reregister_and_relaying_resumes() {
+    init_log();
+    let seed = 13;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    // A symmetric pair stays relayed; a port-restricted pair goes direct.
+    let s1 = sim.add_nat(NatConfig::symmetric_random(), ms(20));
+    let s2 = sim.add_nat(NatConfig::symmetric_random(), ms(30));
+    let (a, b, direct_ab) = pair(&mut sim, s1, s2, |_| {});
+    assert!(!direct_ab);
+    let p1 = sim.add_nat(NatConfig::port_restricted(), ms(15));
+    let p2 = sim.add_nat(NatConfig::port_restricted(), ms(25));
+    let (c, d, direct_cd) = pair(&mut sim, p1, p2, |_| {});
+    assert!(direct_cd, "seed {seed}: no direct path");
+    assert_eq!(send(&mut sim, a, b, 1), Some(PathKind::RelayUdp));
+    sim.run_for(secs(1));
+    assert!(got(&sim, b, 1));
+
+    sim.restart_relay(secs(5));
+    sim.run_for(secs(1));
+    for h in [a, b, c, d] {
+        assert!(
+            sim.has_event(h, |e| *e == NodeEvent::RelayLost),
+            "seed {seed}: host {h}"
+        );
+    }
+    // While the relay is down the direct pair keeps talking.
+    assert!(matches!(send(&mut sim, c, d, 2), Some(PathKind::Direct(_))));
+    sim.run_for(secs(1));
+    assert!(
+        got(&sim, d, 2),
+        "seed {seed}: direct path broke with the relay"
+    );
+
+    // Nodes come back by themselves and the relayed pair is re-introduced.
+    let back = sim.run_until(secs(60), |s| {
+        [a, b, c, d].iter().all(|&h| {
+            s.hosts[h]
+                .events
+                .iter()
+                .filter(|(_, e)| matches!(e, NodeEvent::Registered { .. }))
+                .count()
+                == 2
+        }) && s.hosts[b]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, NodeEvent::Introduced { .. }))
+            .count()
+            == 2
+    });
+    assert!(
+        back,
+        "seed {seed}: nodes did not re-register and re-introduce"
+    );
+    sim.run_for(secs(2));
+    assert_eq!(send(&mut sim, a, b, 3), Some(PathKind::RelayUdp));
+    let aid = sim.hosts[a].peer_id();
+    sim.with_node(b, |n, now| n.send_datagram(now, &aid, &quic(4)).unwrap());
+    sim.run_for(secs(1));
+    assert!(
+        got(&sim, b, 3) && got(&sim, a, 4),
+        "seed {seed}: relaying did not resume"
+    );
+    // The direct pair was re-introduced too, and kept its direct path throughout.
+    assert!(
+        sim.hosts[d]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, NodeEvent::Introduced { .. }))
+            .count()
+            == 2,
+        "seed {seed}: direct pair not re-introduced"
+    );
+    for h in [c, d] {
+        assert!(
+            !sim.has_event(
+                h,
+                |e| matches!(e, NodeEvent::PathChanged { path, .. } if path.remote().is_none())
+            ),
+            "seed {seed}: host {h} left its direct path because of the relay restart"
+        );
+    }
+}
+
+#[test]
+fn same_nat_without_hairpin_connects_over_the_lan() {
+    init_log();
+    let seed = 17;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let n = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let (a, b, ok) = pair(&mut sim, n, n, |_| {});
+    assert!(ok, "seed {seed}: no direct path");
+    let bid = sim.hosts[b].peer_id();
+    let path = sim.hosts[a].node.path(sim.now(), &bid);
+    assert_eq!(
+        path,
+        Some(PathKind::Direct(sim.hosts[b].addr)),
+        "seed {seed}"
+    );
+    send(&mut sim, a, b, 9);
+    sim.run_for(secs(1));
+    assert!(got(&sim, b, 9));
+}
+
+#[test]
+fn udp_blocked_node_relays_over_tcp_and_ping_reports_paths() {
+    init_log();
+    let seed = 19;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let na = sim.add_nat(NatConfig::udp_blocked(), ms(20));
+    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
+    let (a, b, ok) = pair(&mut sim, na, nb, |_| {});
+    assert!(!ok);
+    let bid = sim.hosts[b].peer_id();
+    let aid = sim.hosts[a].peer_id();
+    assert_eq!(send(&mut sim, a, b, 1), Some(PathKind::RelayTcp));
+    assert_eq!(send(&mut sim, b, a, 2), Some(PathKind::RelayUdp));
+    let seq = sim.with_node(a, |n, now| n.ping(now, &bid).unwrap());
+    let seq_b = sim.with_node(b, |n, now| n.ping(now, &aid).unwrap());
+    sim.run_for(secs(1));
+    assert!(got(&sim, b, 1) && got(&sim, a, 2));
+    let pong = sim.hosts[a].events.iter().find_map(|(_, e)| match e {
+        NodeEvent::Pong {
+            seq: s, path, rtt, ..
+        } if *s == seq => Some((*path, *rtt)),
+        _ => None,
+    });
+    let (path, rtt) = pong.expect("no pong");
+    assert_eq!(path, PathKind::RelayTcp);
+    // Relay RTT through both sites: 2 * (20 + 10) + 2 * (30 + 10) ms, plus jitter.
+    assert!(rtt >= ms(140), "{rtt:?}");
+    assert!(sim.has_event(
+        b,
+        |e| matches!(e, NodeEvent::Pong { seq: s, path: PathKind::RelayUdp, .. } if *s == seq_b)
+    ));
+}
+
+#[test]
+fn netcheck_reports_mapping_behaviour() {
+    for (cfg, want) in [
+        (
+            NatConfig::port_restricted(),
+            crate::wire::control::MappingBehavior::EndpointIndependent,
+        ),
+        (
+            NatConfig::symmetric_random(),
+            crate::wire::control::MappingBehavior::EndpointDependent,
+        ),
+    ] {
+        let mut sim = Sim::new(23, SimConfig::default());
+        let n = sim.add_nat(cfg, ms(20));
+        let h = sim.add_host(Some(n), ms(0), |_| {});
+        sim.run_for(secs(2));
+        sim.with_node(h, |n, now| n.netcheck(now));
+        sim.run_for(secs(5));
+        let report = sim.hosts[h].events.iter().find_map(|(_, e)| match e {
+            NodeEvent::NetcheckDone(r) => Some(r.clone()),
+            _ => None,
+        });
+        let r = report.expect("no netcheck report");
+        assert_eq!(r.nat.mapping, want, "{r:#?}");
+        assert!(r.nat.udp);
+        assert_eq!(r.public_addr.map(|a| a.ip()), Some(sim.public_ip(h)));
+        assert!(r.relay_rtt.is_some());
+    }
+}
+
+#[test]
+fn connect_to_unknown_peer_fails_cleanly() {
+    let mut sim = Sim::new(29, SimConfig::default());
+    let n = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let a = sim.add_host(Some(n), ms(0), |_| {});
+    assert!(sim.run_until(secs(10), |s| registered(s, a)));
+    let stranger = crate::identity::Identity::from_secret([9; 32]).peer_id();
+    sim.with_node(a, |n, now| n.connect(now, stranger));
+    sim.run_for(secs(1));
+    assert!(sim.has_event(a, |e| matches!(
+        e,
+        NodeEvent::ConnectFailed { peer, reason: crate::wire::control::ConnectFailure::UnknownPeer, .. } if *peer == stranger
+    )));
+    let r = sim.with_node(a, |n, now| n.send_datagram(now, &stranger, &quic(1)));
+    assert_eq!(r, Err(crate::node::SendError::NoPath));
+}
+
+/// One side's introduction arrives late (its relay TCP stalls), so the peer's first probes
+/// reach a bare-masquerade NAT before this side sent anything: the conntrack clash moves
+/// its mapping and the first attempt fails. The pair must still end up direct.
+#[test]
+fn masquerade_clash_from_a_late_introduction_recovers() {
+    init_log();
+    let seed = 31;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::bare_masquerade(), ms(30));
+    let a = sim.add_host(Some(na), ms(0), |_| {});
+    let b = sim.add_host(Some(nb), ms(0), |_| {});
+    assert!(sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)));
+    sim.run_for(secs(2));
+    sim.tcp_stall.insert(b, ms(400));
+    let bid = sim.hosts[b].peer_id();
+    sim.with_node(a, |n, now| n.connect(now, bid));
+    assert!(sim.run_until(secs(2), |s| {
+        s.has_event(b, |e| matches!(e, NodeEvent::Introduced { .. }))
+    }));
+    sim.tcp_stall.clear();
+    sim.run_for(secs(5));
+    assert!(
+        sim.nats[nb].clashes_created > 0,
+        "seed {seed}: no clash happened"
+    );
+    assert!(!direct(&sim, a, b), "seed {seed}: direct despite the clash");
+    let ok = sim.run_until(secs(180), |s| direct(s, a, b) && direct(s, b, a));
+    assert!(ok, "seed {seed}: never recovered from the clash");
+    eprintln!("direct after the clash at {:?}", sim.elapsed());
+}
+
+/// Roaming: A's NAT reboots with a new public IP mid-session. The direct path dies, A
+/// learns its new reflexive address from the relay binds, the relay tells B, and the pair
+/// punches again while traffic continues over the relay.
+#[test]
+fn nat_reboot_with_new_address_repunches() {
+    init_log();
+    let seed = 37;
+    let mut sim = Sim::new(seed, SimConfig::default());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
+    let (a, b, ok) = pair(&mut sim, na, nb, |_| {});
+    assert!(ok, "seed {seed}: no direct path");
+    let new_ip: IpAddr = "198.51.100.99".parse().unwrap();
+    sim.nats[na].reboot(new_ip);
+    let back = sim.run_until(secs(120), |s| {
+        direct(s, a, b)
+            && direct(s, b, a)
+            && s.hosts[b]
+                .node
+                .path(s.now(), &s.hosts[a].peer_id())
+                .and_then(|p| p.remote())
+                .map(|r| r.ip())
+                == Some(new_ip)
+    });
+    assert!(back, "seed {seed}: no direct path to the new address");
+    eprintln!("direct again after {:?}", sim.elapsed());
+    for i in 100..110 {
+        assert!(matches!(send(&mut sim, a, b, i), Some(PathKind::Direct(_))));
+        sim.run_for(ms(50));
+    }
+    sim.run_for(secs(1));
+    assert!(
+        (100..110).all(|i| got(&sim, b, i)),
+        "seed {seed}: data lost after roaming"
+    );
+}

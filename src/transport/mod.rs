@@ -20,6 +20,22 @@
 //! Events are also produced while transmitting (e.g. a stream becomes writable once an ACK
 //! frees window), so loop 1–2 until both are empty.
 //!
+//! # Gluing to the node
+//!
+//! ```ignore
+//! // node event -> transport
+//! NodeEvent::Datagram { peer, bytes } => transport.handle_datagram(now, peer, &bytes),
+//! // transport -> node (any path; a GSO batch is split for the relay)
+//! while let Some(t) = transport.poll_transmit(now) {
+//!     for d in t.datagrams() {
+//!         let _ = node.send_datagram(now, &t.peer, d); // no path yet: QUIC retransmits
+//!     }
+//! }
+//! ```
+//!
+//! The node's initiator (`Role`) calls [`Transport::connect`]; the other side just receives.
+//! `src/transport/sim_tests.rs` runs exactly this loop in the simulator.
+//!
 //! # Packet sizes
 //!
 //! Every QUIC datagram must still fit a 1280–1500 byte path after the node adds the 8-byte
@@ -43,6 +59,8 @@
 
 pub mod tls;
 
+#[cfg(test)]
+mod sim_tests;
 #[cfg(test)]
 mod tests;
 
@@ -76,7 +94,9 @@ pub const CLOSE_WRONG_PEER: u32 = 1;
 /// Tunables of the transport. `Default` is tuned for bulk throughput on one core.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
-    /// Seed for connection IDs, the stateless-reset key and the token key.
+    /// Seed for connection IDs, the stateless-reset key and the token key. The driver MUST
+    /// fill it from the OS random source (tests use fixed seeds): anyone who knows it can
+    /// forge stateless resets (RFC 9000 section 10.3) and kill our connections.
     pub rng_seed: [u8; 32],
     /// Most datagrams one [`Transmit`] may carry as equal-size segments (for a GSO send).
     /// 1 means every transmit is exactly one datagram.
@@ -128,9 +148,10 @@ pub enum TransportError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
-    /// The ring provider lacks QUIC's initial cipher suite (never expected).
-    #[error("QUIC crypto configuration: {0}")]
-    Crypto(String),
+    /// quinn-proto refused the configuration (e.g. the ring provider lacking QUIC's initial
+    /// cipher suite; never expected).
+    #[error("QUIC configuration: {0}")]
+    Config(String),
     /// quinn-proto refused to start the connection.
     #[error("connect: {0}")]
     Connect(#[from] quinn_proto::ConnectError),
@@ -178,7 +199,9 @@ pub struct ConnectionHandle {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Handshake complete and the peer authenticated as `peer`. The layer above applies its
-    /// allow list here (and [`Transport::close`]s refused peers).
+    /// allow list here (and [`Transport::close`]s refused peers). On the client side the
+    /// server checks our certificate only after this point (TLS 1.3 client Finished), so a
+    /// refusal there shows up as a [`Event::ConnectionLost`] right after.
     Connected {
         /// The connection.
         conn: ConnectionHandle,
@@ -282,6 +305,17 @@ pub enum StreamRead {
     Finished,
 }
 
+/// What [`Transport::read_chunk`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamChunk {
+    /// The next bytes of the stream.
+    Data(Bytes),
+    /// Nothing available now; wait for [`Event::StreamReadable`].
+    Blocked,
+    /// The peer finished the stream and everything was read (EOF).
+    Finished,
+}
+
 /// One connection and what the transport knows about it.
 struct Conn {
     quinn: quinn_proto::Connection,
@@ -367,11 +401,11 @@ impl Transport {
             )));
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
 
         let server_tls = tls::server_config(&local)?;
         let server_crypto = QuicServerConfig::try_from(server_tls)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
         let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&derive_key(
             "burrow transport 2026 token key",
             &config.rng_seed,
@@ -439,17 +473,36 @@ impl Transport {
         now: Instant,
         peer: PeerId,
     ) -> Result<ConnectionHandle, TransportError> {
-        self.last_now = Some(now);
-        let addr = self.virtual_addr(peer);
         let verdict: VerdictSlot = Arc::new(Mutex::new(None));
         let client_tls = tls::client_config(&self.local, peer, verdict.clone())?;
+        self.connect_with_tls(now, peer, client_tls, verdict)
+    }
+
+    /// `connect` with a given rustls configuration (tests use it to play a non-burrow or
+    /// misconfigured client).
+    fn connect_with_tls(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        client_tls: rustls::ClientConfig,
+        verdict: VerdictSlot,
+    ) -> Result<ConnectionHandle, TransportError> {
+        self.last_now = Some(now);
+        let addr = self.virtual_addr(peer);
         let client_crypto = QuicClientConfig::try_from(client_tls)
-            .map_err(|e| TransportError::Crypto(e.to_string()))?;
+            .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut client_config = quinn_proto::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(self.transport_config.clone());
-        let (ch, quinn) = self
+        let (ch, quinn) = match self
             .endpoint
-            .connect(now, client_config, addr, tls::SERVER_NAME)?;
+            .connect(now, client_config, addr, tls::SERVER_NAME)
+        {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.release_if_unused(peer);
+                return Err(e.into());
+            }
+        };
         tracing::debug!(peer = %peer.short(), "connecting");
         Ok(self.insert(ch, quinn, peer, verdict))
     }
@@ -509,7 +562,16 @@ impl Transport {
             tracing::trace!(peer = %from.short(), len = data.len(), "dropping non-QUIC datagram");
             return;
         }
+        let known = self.peer_addrs.contains_key(&from);
         let addr = self.virtual_addr(from);
+        self.handle_quic(now, from, addr, data);
+        if !known {
+            // Garbage from a stream of unknown senders must not grow the address table.
+            self.release_if_unused(from);
+        }
+    }
+
+    fn handle_quic(&mut self, now: Instant, from: PeerId, addr: SocketAddr, data: &[u8]) {
         let mut buf = Vec::new();
         let Some(event) =
             self.endpoint
@@ -540,6 +602,18 @@ impl Transport {
                 }
             }
             DatagramEvent::Response(t) => self.push_response(t, buf),
+        }
+    }
+
+    /// Forgets `peer`'s virtual address when no connection uses it. A later connection gets
+    /// a fresh address, which is fine: an address only has to be stable for the lifetime of
+    /// the connections on it.
+    fn release_if_unused(&mut self, peer: PeerId) {
+        if self.conns.values().any(|c| c.peer == peer) {
+            return;
+        }
+        if let Some(addr) = self.peer_addrs.remove(&peer) {
+            self.addr_peers.remove(&addr);
         }
     }
 
@@ -589,12 +663,14 @@ impl Transport {
             if self.cursor >= self.order.len() {
                 self.cursor = 0;
             }
-            let key = self.order[self.cursor];
+            let Some(&key) = self.order.get(self.cursor) else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&key) else {
                 self.cursor += 1;
                 continue;
             };
-            let mut buf = Vec::with_capacity(MAX_UDP_PAYLOAD as usize);
+            let mut buf = Vec::with_capacity(MAX_UDP_PAYLOAD as usize * self.max_segments);
             let transmit = conn.quinn.poll_transmit(now, self.max_segments, &mut buf);
             self.drive(key);
             match transmit {
@@ -736,8 +812,10 @@ impl Transport {
                     reason: refused.map_or(LostReason::LocallyClosed, LostReason::Refused),
                 });
             }
+            let peer = conn.peer;
             self.conns.remove(&key);
             self.order.retain(|k| *k != key);
+            self.release_if_unused(peer);
         }
     }
 
@@ -749,6 +827,16 @@ impl Transport {
     /// quinn-proto's statistics (RTT, congestion window, bytes, lost packets, path MTU).
     pub fn stats(&self, conn: ConnectionHandle) -> Option<ConnectionStats> {
         self.conn(conn).map(|c| c.quinn.stats())
+    }
+
+    /// The live connections with `peer` (usually one; two while both sides dialled at once,
+    /// which the layer above resolves by closing one).
+    pub fn connections(&self, peer: PeerId) -> Vec<ConnectionHandle> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer == peer)
+            .map(|(k, c)| Self::handle_of(*k, c))
+            .collect()
     }
 
     /// Number of live connections (including ones still closing).
@@ -785,6 +873,28 @@ impl Transport {
     ) -> Result<usize, TransportError> {
         match self.conn_mut(conn)?.quinn.send_stream(stream).write(data) {
             Ok(n) => Ok(n),
+            Err(quinn_proto::WriteError::Blocked) => Ok(0),
+            Err(quinn_proto::WriteError::Stopped(code)) => {
+                Err(TransportError::Stopped(code.into_inner()))
+            }
+            Err(quinn_proto::WriteError::ClosedStream) => Err(TransportError::ClosedStream),
+        }
+    }
+
+    /// Zero-copy [`Transport::write`]: takes as much of `data` as allowed without copying
+    /// and advances `data` past it. `Ok(0)` means blocked.
+    pub fn write_bytes(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        data: &mut Bytes,
+    ) -> Result<usize, TransportError> {
+        let quinn = &mut self.conn_mut(conn)?.quinn;
+        let mut chunks = [std::mem::take(data)];
+        let result = quinn.send_stream(stream).write_chunks(&mut chunks);
+        *data = std::mem::take(&mut chunks[0]);
+        match result {
+            Ok(written) => Ok(written.bytes),
             Err(quinn_proto::WriteError::Blocked) => Ok(0),
             Err(quinn_proto::WriteError::Stopped(code)) => {
                 Err(TransportError::Stopped(code.into_inner()))
@@ -881,6 +991,32 @@ impl Transport {
             return Ok(StreamRead::Data(filled));
         }
         outcome.unwrap_or(Ok(StreamRead::Blocked))
+    }
+
+    /// Zero-copy [`Transport::read`]: the next in-order chunk of at most `max` bytes, as
+    /// quinn-proto received it.
+    pub fn read_chunk(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        max: usize,
+    ) -> Result<StreamChunk, TransportError> {
+        let c = self.conn_mut(conn)?;
+        if c.eof_pending.remove(&stream) {
+            return Ok(StreamChunk::Finished);
+        }
+        let mut recv = c.quinn.recv_stream(stream);
+        let mut chunks = recv.read(true).map_err(|_| TransportError::ClosedStream)?;
+        let outcome = match chunks.next(max) {
+            Ok(Some(chunk)) => Ok(StreamChunk::Data(chunk.bytes)),
+            Ok(None) => Ok(StreamChunk::Finished),
+            Err(quinn_proto::ReadError::Blocked) => Ok(StreamChunk::Blocked),
+            Err(quinn_proto::ReadError::Reset(code)) => {
+                Err(TransportError::Reset(code.into_inner()))
+            }
+        };
+        let _ = chunks.finalize();
+        outcome
     }
 
     /// Sends an unreliable QUIC datagram (RFC 9221). Oldest queued datagrams are dropped if

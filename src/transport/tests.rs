@@ -98,6 +98,15 @@ impl Net {
 
     fn send(&mut self, from: usize, to: PeerId, datagram: &[u8]) {
         self.sent += 1;
+        // RFC 9287 greasing is off: every datagram keeps the fixed bit, so the node's
+        // first-byte demultiplexer (RFC 9443 ranges) always sees QUIC.
+        assert_eq!(
+            wire::classify(datagram),
+            PacketClass::Quic,
+            "first byte {:#04x}",
+            datagram[0]
+        );
+        assert!(datagram.len() <= MAX_UDP_PAYLOAD as usize);
         if self.capture.len() < 200 {
             self.capture.push(datagram.to_vec());
         }
@@ -342,6 +351,42 @@ fn handshake_authenticates_both_sides() {
 }
 
 #[test]
+fn simultaneous_dials_give_two_working_connections() {
+    // Both sides dial at the same instant (glare). The transport keeps both; the node picks
+    // one (e.g. the one dialled by the lower peer ID) and closes the other.
+    let mut net = Net::new(&[1, 2], DIRECT, 15);
+    let c01 = net.nodes[0].connect(net.now, net.ids[1]).unwrap();
+    let c10 = net.nodes[1].connect(net.now, net.ids[0]).unwrap();
+    let mut connected = [Vec::new(), Vec::new()];
+    net.run_until(10_000, |net| {
+        for (node, got) in connected.iter_mut().enumerate() {
+            while let Some(c) = net.take_connected(node) {
+                got.push(c);
+            }
+        }
+        connected[0].len() == 2 && connected[1].len() == 2
+    });
+    assert_eq!(net.nodes[0].connections(net.ids[1]).len(), 2);
+    assert!(
+        connected[0]
+            .iter()
+            .any(|c| c.0 == c01 && c.2 == Side::Client)
+    );
+    assert!(
+        connected[1]
+            .iter()
+            .any(|c| c.0 == c10 && c.2 == Side::Client)
+    );
+    net.nodes[1]
+        .close(net.now, c10, CLOSE_NORMAL, b"duplicate")
+        .unwrap();
+    net.run_until(100_000, |net| {
+        net.nodes[0].connection_count() == 1 && net.nodes[1].connection_count() == 1
+    });
+    assert_eq!(net.nodes[0].connections(net.ids[1]), vec![c01]);
+}
+
+#[test]
 fn wrong_expected_peer_is_refused_with_both_ids() {
     // Node 0 dials node 2's ID, but the path delivers to node 1 (a relay or stranger with
     // another key), whose replies are attributed to node 2.
@@ -402,6 +447,55 @@ fn impersonator_is_refused_by_the_server() {
     net.run_until(10_000, |net| net.has_lost(2));
 }
 
+/// Runs a handshake from node 0 to node 1 with a hand-made client TLS configuration and
+/// returns how it ended on each side.
+fn handshake_with(client_tls: rustls::ClientConfig, seed: u64) -> (Option<LostReason>, bool) {
+    let mut net = Net::new(&[1, 2], DIRECT, seed);
+    let now = net.now;
+    let peer = net.ids[1];
+    let verdict = Arc::new(Mutex::new(None));
+    net.nodes[0]
+        .connect_with_tls(now, peer, client_tls, verdict)
+        .unwrap();
+    net.run_until(10_000, |net| net.has_lost(0));
+    let server_connected = net.take_connected(1).is_some();
+    (net.take_lost(0).map(|l| l.1), server_connected)
+}
+
+#[test]
+fn non_burrow_alpn_is_refused() {
+    let local = LocalCert::new(&identity(1)).unwrap();
+    let mut tls = tls::client_config(&local, identity(2).peer_id(), Default::default()).unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let (lost, server_connected) = handshake_with(tls, 16);
+    assert!(!server_connected);
+    let reason = lost.unwrap().to_string();
+    // TLS alert 120, no_application_protocol (RFC 7301 section 3.2).
+    assert!(reason.contains("error 120"), "{reason}");
+}
+
+#[test]
+fn client_without_certificate_is_refused() {
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(tls::ExpectPeer {
+        expected: identity(2).peer_id(),
+        verdict: Default::default(),
+    }))
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![tls::ALPN.to_vec()];
+    let (lost, server_connected) = handshake_with(tls, 17);
+    assert!(
+        !server_connected,
+        "server accepted a client without certificate"
+    );
+    assert!(lost.is_some());
+}
+
 #[test]
 fn twenty_megabytes_arrive_intact() {
     let mut net = Net::new(&[1, 2], DIRECT, 4);
@@ -409,6 +503,47 @@ fn twenty_megabytes_arrive_intact() {
     let data = pattern(20 << 20, 4);
     let got = transfer(&mut net, (0, ca), (1, cb), &data, 200_000, |_, _| {});
     assert_eq!(got, blake3::hash(&data));
+}
+
+#[test]
+fn zero_copy_write_and_read() {
+    let mut net = Net::new(&[1, 2], DIRECT, 18);
+    let (ca, cb) = net.connect(0, 1);
+    let data = Bytes::from(pattern(3 << 20, 18));
+    let s = net.nodes[0].open_stream(ca, Dir::Uni).unwrap().unwrap();
+    let mut rest = data.clone();
+    let mut finished = false;
+    let mut rs = None;
+    let mut got = Vec::new();
+    net.run_until(100_000, |net| {
+        while !rest.is_empty() {
+            let before = rest.len();
+            let n = net.nodes[0].write_bytes(ca, s, &mut rest).unwrap();
+            assert_eq!(before - n, rest.len());
+            if n == 0 {
+                break;
+            }
+        }
+        if rest.is_empty() && !finished {
+            net.nodes[0].finish(ca, s).unwrap();
+            finished = true;
+        }
+        if rs.is_none() {
+            rs = net.nodes[1].accept_stream(cb, Dir::Uni).unwrap();
+        }
+        let Some(rs) = rs else { return false };
+        loop {
+            match net.nodes[1].read_chunk(cb, rs, 100_000).unwrap() {
+                StreamChunk::Data(b) => {
+                    assert!(b.len() <= 100_000);
+                    got.extend_from_slice(&b);
+                }
+                StreamChunk::Blocked => return false,
+                StreamChunk::Finished => return true,
+            }
+        }
+    });
+    assert!(got == data[..]);
 }
 
 #[test]
@@ -653,7 +788,11 @@ fn close_reaches_the_peer_and_frees_handles() {
         net.nodes[0].open_stream(ca, Dir::Bi),
         Err(TransportError::UnknownConnection)
     ));
-    assert!(net.nodes[1].peer(cb).is_none() || net.nodes[1].connection_count() == 1);
+    // Both sides drain and forget the connection and the peer's virtual address.
+    net.run_until(100_000, |net| net.nodes[1].connection_count() == 0);
+    assert!(net.nodes[1].peer(cb).is_none());
+    assert_eq!(net.nodes[0].connection_count(), 0);
+    assert!(net.nodes[0].peer_addrs.is_empty() && net.nodes[1].peer_addrs.is_empty());
 }
 
 #[test]
@@ -709,6 +848,9 @@ fn garbage_never_panics_and_never_hurts_live_connections() {
             net.step();
         }
     }
+    // Strangers' garbage left no virtual addresses behind.
+    assert!(!net.nodes[0].peer_addrs.contains_key(&stranger));
+    assert!(!net.nodes[1].peer_addrs.contains_key(&stranger));
     // Replayed and mangled packets did not kill the connection: it still carries data.
     let data = pattern(200_000, 13);
     let got = transfer(&mut net, (0, ca), (1, cb), &data, 100_000, |_, _| {});

@@ -380,6 +380,9 @@ pub fn server_config(local: &LocalCert) -> Result<rustls::ServerConfig, rustls::
         .with_client_cert_verifier(Arc::new(AnyBurrowPeer))
         .with_single_cert(vec![local.cert.clone()], local.private_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // No session tickets: a resumed TLS 1.3 handshake carries no certificates (RFC 8446
+    // section 2.2), so every connection proves both keys afresh instead.
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -396,6 +399,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(ExpectPeer { expected, verdict }))
         .with_client_auth_cert(vec![local.cert.clone()], local.private_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -424,6 +428,27 @@ mod tests {
         }
         for n in 0..der.len() {
             assert!(peer_id_from_cert(&der[..n]).is_err());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)
+        ) {
+            let _ = peer_id_from_cert(&bytes);
+        }
+
+        #[test]
+        fn spliced_certificates_are_refused(
+            cut in 0usize..400,
+            insert in proptest::collection::vec(proptest::num::u8::ANY, 1..40)
+        ) {
+            let local = LocalCert::new(&Identity::from_secret([9; 32])).unwrap();
+            let mut der = local.cert.to_vec();
+            let cut = cut.min(der.len());
+            der.splice(cut..cut, insert.iter().copied());
+            proptest::prop_assert!(peer_id_from_cert(&der).is_err());
         }
     }
 

@@ -33,8 +33,14 @@ impl Relay {
     /// Starts the relay on 127.0.0.1 port 0 with metrics, plus `extra` arguments, and waits
     /// for its "listening" line.
     pub fn start(extra: &[&str]) -> Relay {
+        Self::try_start(&["--listen", "127.0.0.1:0"], extra).expect("relay did not start")
+    }
+
+    /// Starts the relay with `listen` arguments; `None` if it exited (e.g. port taken).
+    pub fn try_start(listen: &[&str], extra: &[&str]) -> Option<Relay> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_burrow-relay"))
-            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(listen)
+            .args(["--metrics", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -71,7 +77,7 @@ impl Relay {
         };
         relay.addr = field("tcp").expect("tcp address in the listening line");
         relay.metrics = field("metrics");
-        relay
+        Some(relay)
     }
 
     /// Sends SIGTERM and waits for the exit status (hang-guarded).

@@ -10,21 +10,93 @@
 //! sockets that still had data go on a "still readable" list and the loop polls with a zero
 //! timeout while that list is non-empty, so one busy socket cannot starve the others.
 //! WRITABLE interest is registered only while a connection's queue is non-empty.
+//!
+//! On Linux, UDP is read with `recvmmsg` (32 datagrams per call, see `batch`) and the
+//! datagrams the core forwards are re-sent from the same buffers with one `sendmmsg` per
+//! batch; replies the core generates (STUN, bind answers, TCP→UDP relaying) go out one
+//! `send_to` each. Signals arrive through a self-pipe (see `signals`), which a
+//! [`StopHandle`] can also write to.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use burrow::relay::{ConnId, Event, RelayConfig, RelayCore};
+use crate::relay::{ConnId, Event, Limits, RelayConfig, RelayCore};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, trace, warn};
 
-use crate::http::{self, HttpConn, Next};
-use crate::settings::Settings;
-use crate::signals::SignalPipe;
+#[cfg(target_os = "linux")]
+mod batch;
+mod http;
+mod signals;
+
+use self::http::{HttpConn, Next};
+pub use self::signals::{StopHandle, StopPipe};
+
+/// Everything a relay server needs: addresses, access tokens, limits.
+#[derive(Debug, Clone)]
+pub struct RelayServerConfig {
+    /// UDP and TCP address (port 0 picks a free port; UDP and TCP get the same one).
+    pub listen: SocketAddr,
+    /// Alternate address for RFC 5780 NAT behaviour discovery.
+    pub alt_listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Access tokens; empty means registration is open.
+    pub tokens: Vec<String>,
+    /// Kernel socket buffer size for the UDP sockets.
+    pub udp_buffer_bytes: usize,
+    /// Limits enforced by the core.
+    pub limits: Limits,
+}
+
+impl RelayServerConfig {
+    /// Defaults (open registration, default limits, 4 MiB UDP buffers) on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        RelayServerConfig {
+            listen,
+            alt_listen: None,
+            metrics: None,
+            tokens: Vec::new(),
+            udp_buffer_bytes: 4 << 20,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A bound relay server; [`RelayServer::run`] serves until stopped.
+pub struct RelayServer {
+    driver: Driver,
+}
+
+impl std::fmt::Debug for RelayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RelayServer({})", self.driver.listen_addr)
+    }
+}
+
+impl RelayServer {
+    /// The UDP+TCP address it serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.driver.listen_addr
+    }
+
+    /// The metrics address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.driver
+            .metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until the stop pipe fires (a signal, or a [`StopHandle`]).
+    pub fn run(mut self) -> io::Result<()> {
+        self.driver.run()
+    }
+}
 
 const SIGNAL: Token = Token(0);
 const LISTENER: Token = Token(1);
@@ -33,6 +105,7 @@ const UDP_BASE: usize = 16;
 const TCP_FLAG: usize = 1 << 62;
 const HTTP_FLAG: usize = 1 << 61;
 const KEY_MASK: usize = 0xFFFF_FFFF;
+const GENERATION_MASK: u32 = 0x0FFF_FFFF;
 
 /// Datagrams read from one UDP socket per turn before others get a go.
 const UDP_BUDGET: usize = 512;
@@ -67,14 +140,23 @@ struct Driver {
     next_generation: u32,
     metrics_listener: Option<TcpListener>,
     http: Slab<HttpConn>,
-    signals: SignalPipe,
+    signals: StopPipe,
     still_readable: Vec<Token>,
     buf: Vec<u8>,
+    #[cfg(target_os = "linux")]
+    batch: batch::RecvBatch,
+    #[cfg(target_os = "linux")]
+    fwd_which: Vec<usize>,
+    #[cfg(target_os = "linux")]
+    fwd_dest: Vec<SocketAddr>,
+    #[cfg(target_os = "linux")]
+    fwd_src: Vec<usize>,
     shutting_down: bool,
 }
 
-/// Binds everything, logs the addresses, and runs until SIGINT/SIGTERM.
-pub fn run(settings: Settings) -> io::Result<()> {
+/// Binds everything and logs the addresses; `stop` ends [`RelayServer::run`] when written to
+/// (install signal handlers on it for a process-wide server).
+pub fn bind(settings: RelayServerConfig, stop: StopPipe) -> io::Result<RelayServer> {
     let (udp0, listener, listen) = bind_primary(settings.listen, settings.udp_buffer_bytes)?;
     let mut config = RelayConfig::new(listen, rand::random());
     config.alt_listen = settings.alt_listen;
@@ -86,7 +168,7 @@ pub fn run(settings: Settings) -> io::Result<()> {
         udp.push((addr, s));
     }
     let poll = Poll::new()?;
-    let mut signals = SignalPipe::install()?;
+    let mut signals = stop;
     poll.registry()
         .register(&mut signals.read, SIGNAL, Interest::READABLE)?;
     let mut listener = listener;
@@ -122,7 +204,7 @@ pub fn run(settings: Settings) -> io::Result<()> {
         }
     );
     let core = RelayCore::new(config, Instant::now());
-    let mut driver = Driver {
+    let driver = Driver {
         poll,
         core,
         udp,
@@ -135,9 +217,17 @@ pub fn run(settings: Settings) -> io::Result<()> {
         signals,
         still_readable: Vec::new(),
         buf: vec![0; BUF_LEN],
+        #[cfg(target_os = "linux")]
+        batch: batch::RecvBatch::new(),
+        #[cfg(target_os = "linux")]
+        fwd_which: Vec::with_capacity(batch::BATCH),
+        #[cfg(target_os = "linux")]
+        fwd_dest: Vec::with_capacity(batch::BATCH),
+        #[cfg(target_os = "linux")]
+        fwd_src: Vec::with_capacity(batch::BATCH),
         shutting_down: false,
     };
-    driver.run()
+    Ok(RelayServer { driver })
 }
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> io::Result<Socket> {
@@ -280,6 +370,68 @@ impl Driver {
         (conn.generation as u64 == id.0 >> 32).then_some(id)
     }
 
+    /// Reads one socket's datagrams (at most the per-turn budget), hands each to the core,
+    /// and re-sends the ones the core forwards, batched per source socket.
+    #[cfg(target_os = "linux")]
+    fn read_udp(&mut self, index: usize) {
+        let local = self.udp[index].0;
+        for _ in 0..UDP_BUDGET / batch::BATCH {
+            let n = match self.batch.recv(&self.udp[index].1) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors surface here (ECONNREFUSED etc.); they are not fatal.
+                    trace!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            // Forwards grouped by the relay socket they leave from (almost always one).
+            self.fwd_which.clear();
+            self.fwd_dest.clear();
+            self.fwd_src.clear();
+            for i in 0..n {
+                let from = self.batch.got[i].1;
+                if let Some(fwd) = self
+                    .core
+                    .handle_udp(now, local, from, self.batch.datagram(i))
+                    && let Some(src) = self.udp.iter().position(|(a, _)| *a == fwd.source)
+                {
+                    self.fwd_which.push(i);
+                    self.fwd_dest.push(fwd.destination);
+                    self.fwd_src.push(src);
+                }
+            }
+            if let Some(&first) = self.fwd_src.first() {
+                if self.fwd_src.iter().all(|s| *s == first) {
+                    self.batch
+                        .forward(&self.udp[first].1, &self.fwd_which, &self.fwd_dest);
+                } else {
+                    for src in 0..self.udp.len() {
+                        let (which, dest): (Vec<usize>, Vec<SocketAddr>) = self
+                            .fwd_src
+                            .iter()
+                            .zip(self.fwd_which.iter().zip(&self.fwd_dest))
+                            .filter(|(s, _)| **s == src)
+                            .map(|(_, (w, d))| (*w, *d))
+                            .unzip();
+                        if !which.is_empty() {
+                            self.batch.forward(&self.udp[src].1, &which, &dest);
+                        }
+                    }
+                }
+            }
+            // Keep control replies flowing during a long burst.
+            self.drain_transmits();
+            if n < batch::BATCH {
+                return;
+            }
+        }
+        self.still_readable.push(Token(UDP_BASE + index));
+    }
+
+    #[cfg(not(target_os = "linux"))]
     fn read_udp(&mut self, index: usize) {
         let local = self.udp[index].0;
         for _ in 0..UDP_BUDGET {
@@ -288,7 +440,6 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // ICMP errors surface here (ECONNREFUSED etc.); they are not fatal.
                     trace!(error = %e, "UDP receive error");
                     continue;
                 }
@@ -301,7 +452,6 @@ impl Driver {
             {
                 trace!(error = %e, dest = %fwd.destination, "UDP forward failed");
             }
-            // Keep control replies flowing during a long burst.
             self.drain_transmits();
         }
         self.still_readable.push(Token(UDP_BASE + index));
@@ -313,7 +463,11 @@ impl Driver {
                 Ok((mut stream, remote)) => {
                     let _ = stream.set_nodelay(true);
                     let generation = self.next_generation;
-                    self.next_generation = self.next_generation.wrapping_add(1).max(1);
+                    // 28 bits: generation << 32 must stay clear of the TCP/HTTP flag bits.
+                    self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+                    if self.next_generation == 0 {
+                        self.next_generation = 1;
+                    }
                     let entry = self.conns.vacant_entry();
                     let id = conn_id(entry.key(), generation);
                     if entry.key() > KEY_MASK
