@@ -6,7 +6,9 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use burrow::app::protocol::{self, Reason, Reply, Request};
 use burrow::identity::Identity;
+use burrow::transport::tls::LocalCert;
 use burrow::wire::control::{
     self, Candidate, CandidateKind, ClientMsg, ConnectFailure, ErrorCode, Introduction,
     MappingBehavior, NatReport, PortAllocation, Register, RelayTransport, Role, ServerMsg,
@@ -28,6 +30,20 @@ fn write(target: &str, seeds: &[Vec<u8>]) {
         fs::write(dir.join(format!("seed-{i}")), s).unwrap();
     }
     println!("{target}: {} seeds", seeds.len());
+}
+
+/// Splits one DER element into (header length, contents length); enough for the
+/// certificates rcgen writes (lengths of at most 3 bytes).
+fn der_header(der: &[u8]) -> (usize, usize) {
+    let first = der[1];
+    if first < 0x80 {
+        return (2, first as usize);
+    }
+    let n = (first & 0x7f) as usize;
+    let len = der[2..2 + n]
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | b as usize);
+    (2 + n, len)
 }
 
 fn main() {
@@ -242,4 +258,100 @@ fn main() {
         "peer_id",
         &ids.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>(),
     );
+
+    // Application stream protocol: frame bodies (after the 4-byte length prefix).
+    let requests = [
+        Request::File {
+            path: "photos/2026/ünï.jpg".into(),
+            size: 123_456_789,
+            executable: false,
+            resume: true,
+        },
+        Request::Pipe,
+        Request::Bench {
+            seconds: 10,
+            reverse: true,
+        },
+        Request::BenchDatagrams {
+            seconds: 3,
+            reverse: false,
+            rate: 50_000_000,
+        },
+    ];
+    let request_frames: Vec<Vec<u8>> = requests.iter().map(protocol::encode_request).collect();
+    write(
+        "app_request",
+        &request_frames
+            .iter()
+            .map(|f| f[4..].to_vec())
+            .collect::<Vec<_>>(),
+    );
+    let replies = [
+        Reply::Accept {
+            resume_offset: 4096,
+            prefix_hash: Some([0xab; 32]),
+        },
+        Reply::Accept {
+            resume_offset: 0,
+            prefix_hash: None,
+        },
+        Reply::Reject(Reason::new(protocol::REASON_EXISTS, "exists: a.txt")),
+        Reply::Verified,
+        Reply::Failed(Reason::new(protocol::REASON_HASH_MISMATCH, "hash mismatch")),
+        Reply::BenchResult {
+            bytes: 1 << 30,
+            micros: 10_000_000,
+        },
+        Reply::DatagramResult {
+            datagrams: 1000,
+            bytes: 1_200_000,
+        },
+    ];
+    let reply_frames: Vec<Vec<u8>> = replies.iter().map(protocol::encode_reply).collect();
+    write(
+        "app_reply",
+        &reply_frames
+            .iter()
+            .map(|f| f[4..].to_vec())
+            .collect::<Vec<_>>(),
+    );
+
+    // app_frame_reader: seed byte, then a stream: whole frames, frames followed by file
+    // bytes, a truncated frame, a zero length prefix.
+    let mut streams = Vec::new();
+    let mut v = vec![17];
+    v.extend(request_frames.iter().flatten());
+    streams.push(v);
+    let mut v = vec![200];
+    v.extend_from_slice(&request_frames[0]);
+    v.extend_from_slice(&[0x5a; 700]);
+    streams.push(v);
+    let mut v = vec![3];
+    v.extend(reply_frames.iter().flatten());
+    v.truncate(v.len() - 3);
+    streams.push(v);
+    let mut v = vec![90];
+    v.extend_from_slice(&reply_frames[3]);
+    v.extend_from_slice(&[0, 0, 0, 0, 1, 2, 3]);
+    streams.push(v);
+    write("app_frame_reader", &streams);
+
+    // tls_cert: byte 0 = mode. Mode 0: whole certificates from LocalCert (the transport's
+    // own builder, rcgen underneath). Mode 1: the tbsCertificate contents of the cert for
+    // identity [1; 32], which the target re-signs with that key.
+    let mut certs = Vec::new();
+    for secret in [[1u8; 32], [2; 32], [0xfe; 32]] {
+        let cert = LocalCert::new(&Identity::from_secret(secret)).unwrap().cert;
+        let mut v = vec![0];
+        v.extend_from_slice(&cert);
+        certs.push(v);
+    }
+    let cert = LocalCert::new(&id).unwrap().cert;
+    let (outer, _) = der_header(&cert);
+    let (tbs_header, tbs_len) = der_header(&cert[outer..]);
+    let start = outer + tbs_header;
+    let mut v = vec![1];
+    v.extend_from_slice(&cert[start..start + tbs_len]);
+    certs.push(v);
+    write("tls_cert", &certs);
 }
