@@ -2,6 +2,8 @@
 # Runs every fuzz target in turn (one at a time: the machine is shared) for SECS seconds each
 # and prints one summary line per target: target, seconds, total execs, crashes.
 # Usage: ./run_all.sh [SECS] [TARGET...]   (from fuzz/, needs cargo-fuzz and nightly)
+# With no TARGET it runs every target `cargo fuzz list` knows (alphabetically: the wire
+# targets and app_request, app_reply, app_frame_reader, tls_cert).
 set -u
 cd "$(dirname "$0")"
 secs=${1:-150}

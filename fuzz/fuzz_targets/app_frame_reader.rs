@@ -43,7 +43,10 @@ impl Pair {
             send_window: 512 << 10,
             ..TransportConfig::default()
         };
-        let (ia, ib) = (Identity::from_secret([1; 32]), Identity::from_secret([2; 32]));
+        let (ia, ib) = (
+            Identity::from_secret([1; 32]),
+            Identity::from_secret([2; 32]),
+        );
         let mut a = Transport::new(&ia, config(101)).unwrap();
         let b = Transport::new(&ib, config(102)).unwrap();
         let now = Instant::now();
@@ -178,7 +181,9 @@ fn run(p: &mut Pair, seed: u8, stream: &[u8]) {
     let conn_b = p.conn_b.expect("connected");
     let mut sa = None;
     p.settle(|p| {
-        sa = p.a.open_stream(p.conn_a, Dir::Uni).expect("connection alive");
+        sa =
+            p.a.open_stream(p.conn_a, Dir::Uni)
+                .expect("connection alive");
         sa.is_some()
     });
     let sa = sa.unwrap();
@@ -247,7 +252,11 @@ fn run(p: &mut Pair, seed: u8, stream: &[u8]) {
         }
         true
     });
-    assert_eq!(left.as_slice(), &stream[consumed..], "bytes left in the stream");
+    assert_eq!(
+        left.as_slice(),
+        &stream[consumed..],
+        "bytes left in the stream"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -20,7 +20,10 @@ fn check(body: &[u8]) {
     assert!((2..=MAX_FRAME).contains(&len));
     assert!(len <= body.len(), "re-encoding is longer than the input");
     assert_eq!(frame[4], APP_VERSION);
-    assert_eq!(protocol::decode_reply(&frame[4..]).expect("re-decodes"), reply);
+    assert_eq!(
+        protocol::decode_reply(&frame[4..]).expect("re-decodes"),
+        reply
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -38,8 +38,14 @@ fn check_peer(id: PeerId, input: &[u8]) {
         ed25519_dalek::VerifyingKey::from_bytes(&id.0).is_ok(),
         "accepted key is not a valid Ed25519 point"
     );
-    assert_eq!(id.to_string().parse::<PeerId>().expect("text form parses"), id);
-    assert!(input.windows(32).any(|w| w == id.0), "key not taken from the input");
+    assert_eq!(
+        id.to_string().parse::<PeerId>().expect("text form parses"),
+        id
+    );
+    assert!(
+        input.windows(32).any(|w| w == id.0),
+        "key not taken from the input"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -66,6 +72,10 @@ fuzz_target!(|data: &[u8]| {
     der(0x30, &contents, &mut cert);
     if let Ok(id) = tls::peer_id_from_cert(&cert) {
         check_peer(id, &cert);
-        assert_eq!(id, signer.peer_id(), "a signature verified under another key");
+        assert_eq!(
+            id,
+            signer.peer_id(),
+            "a signature verified under another key"
+        );
     }
 });
