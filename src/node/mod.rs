@@ -74,8 +74,20 @@ pub struct Transmit {
     pub source: Option<SocketAddr>,
     /// Where to.
     pub destination: SocketAddr,
+    /// `Some(n)`: `contents` holds several datagrams of `n` bytes each (the last may be
+    /// shorter) for one GSO send; a driver without GSO sends them one by one. `None`: one
+    /// datagram. Only [`NodeCore::send_segments`] on a direct path produces `Some`.
+    pub segment_size: Option<usize>,
     /// The bytes.
     pub contents: Vec<u8>,
+}
+
+impl Transmit {
+    /// The individual datagrams of this transmit.
+    pub fn datagrams(&self) -> std::slice::Chunks<'_, u8> {
+        let size = self.segment_size.unwrap_or(self.contents.len()).max(1);
+        self.contents.chunks(size)
+    }
 }
 
 /// Node configuration.
@@ -99,6 +111,10 @@ pub struct NodeConfig {
     pub punch: PunchConfig,
     /// Sent to the relay for its logs.
     pub agent: String,
+    /// Benchmark/test knob: never punch (no candidates are probed), so data to peers stays
+    /// on the relay (UDP, or TCP when UDP to the relay does not work — point `relay_udp` at
+    /// a dead port to force that). `false` in normal use.
+    pub relay_only: bool,
 }
 
 impl NodeConfig {
@@ -114,6 +130,7 @@ impl NodeConfig {
             seed: 0,
             punch: PunchConfig::default(),
             agent: concat!("burrow ", env!("CARGO_PKG_VERSION")).to_string(),
+            relay_only: false,
         }
     }
 }
@@ -416,6 +433,7 @@ impl NodeCore {
                 source: None,
                 destination,
                 contents,
+                segment_size: None,
             });
         }
         self.check_discovery(now);
@@ -588,6 +606,52 @@ impl NodeCore {
         self.send_on_path(now, h, bytes)
     }
 
+    /// Sends a batch of datagrams to `peer`: `contents` holds datagrams of `segment_size`
+    /// bytes each (the last may be shorter; `None`: one datagram), as a QUIC stack with
+    /// segmentation offload emits them. On a direct path the buffer is moved, uncopied, into
+    /// one [`Transmit`] for a GSO send; relayed paths carry each datagram on its own (the
+    /// relay header is per datagram). Returns the path, or the error of the first datagram
+    /// that could not be sent (the rest of the batch is dropped with it, like lost packets).
+    pub fn send_segments(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        contents: Vec<u8>,
+        segment_size: Option<usize>,
+    ) -> Result<PathKind, SendError> {
+        let size = segment_size
+            .filter(|&s| s > 0 && s < contents.len())
+            .unwrap_or(contents.len());
+        if contents.is_empty()
+            || contents
+                .chunks(size)
+                .any(|d| classify(d) != PacketClass::Quic)
+        {
+            return Err(SendError::NotQuic);
+        }
+        let h = self.peers.by_id(peer).ok_or(SendError::UnknownPeer)?;
+        if let Some(PathKind::Direct(remote)) = self.path_of(now, h) {
+            let p = self.peers.get_mut(h).ok_or(SendError::UnknownPeer)?;
+            let source = p.punch.direct().and_then(|d| d.local);
+            p.punch.note_sent(now, &self.cfg.punch);
+            self.transmits.push_back(Transmit {
+                source,
+                destination: remote,
+                segment_size: (size < contents.len()).then_some(size),
+                contents,
+            });
+            return Ok(PathKind::Direct(remote));
+        }
+        let mut path = Err(SendError::NoPath);
+        for datagram in contents.chunks(size) {
+            path = self.send_on_path(now, h, datagram);
+            if path.is_err() {
+                break;
+            }
+        }
+        path
+    }
+
     fn send_on_path(
         &mut self,
         now: Instant,
@@ -604,6 +668,7 @@ impl NodeCore {
                     source,
                     destination: remote,
                     contents: bytes.to_vec(),
+                    segment_size: None,
                 });
             }
             PathKind::RelayUdp => {
@@ -614,6 +679,7 @@ impl NodeCore {
                     source: None,
                     destination: self.session.udp_addr(),
                     contents,
+                    segment_size: None,
                 });
             }
             PathKind::RelayTcp => {
@@ -671,6 +737,7 @@ impl NodeCore {
                 source: None,
                 destination: self.session.udp_addr(),
                 contents,
+                segment_size: None,
             });
         }
         for a in actions {
@@ -908,7 +975,12 @@ impl NodeCore {
             if intro.request_id.is_some() && p.pending_request == intro.request_id {
                 p.pending_request = None;
             }
-            p.punch.start(now, &intro.candidates, intro.nat, fam);
+            let candidates: &[_] = if self.cfg.relay_only {
+                &[]
+            } else {
+                &intro.candidates
+            };
+            p.punch.start(now, candidates, intro.nat, fam);
         }
         debug!(peer = %peer.short(), role = ?intro.role, candidates = ?intro.candidates, "introduced");
         self.events.push_back(NodeEvent::Introduced {
@@ -1013,6 +1085,7 @@ impl NodeCore {
                         source: local,
                         destination: from,
                         contents: reply,
+                        segment_size: None,
                     }),
                     Via::Relay => {
                         self.send_relayed(now, keys.channel, &reply);
@@ -1045,6 +1118,7 @@ impl NodeCore {
                 source: None,
                 destination: self.session.udp_addr(),
                 contents,
+                segment_size: None,
             });
         } else {
             self.session.send_data_tcp(ch, payload);
