@@ -243,9 +243,11 @@ impl Service for BenchSide {
 }
 
 fn transport(identity: &Identity, seed: u8, max_segments: usize) -> Transport {
-    let mut config = TransportConfig::default();
-    config.rng_seed = [seed; 32];
-    config.max_segments = max_segments;
+    let config = TransportConfig {
+        rng_seed: [seed; 32],
+        max_segments,
+        ..TransportConfig::default()
+    };
     Transport::new(identity, config).unwrap()
 }
 

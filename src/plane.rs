@@ -55,6 +55,8 @@ pub struct DataPlane<S: Service> {
     dial: HashSet<PeerId>,
     conns: HashMap<PeerId, ConnectionHandle>,
     stats: PlaneStats,
+    /// Datagrams went into the transport since the last pump (see [`NodeApp::flush`]).
+    pump_pending: bool,
 }
 
 impl<S: Service> DataPlane<S> {
@@ -66,6 +68,7 @@ impl<S: Service> DataPlane<S> {
             dial: HashSet::new(),
             conns: HashMap::new(),
             stats: PlaneStats::default(),
+            pump_pending: false,
         }
     }
 
@@ -144,6 +147,12 @@ impl<S: Service> NodeApp for DataPlane<S> {
             NodeEvent::Datagram { peer, bytes } => {
                 self.stats.datagrams_in += 1;
                 self.transport.handle_datagram(now, peer, &bytes);
+                // Pumped in `flush` once the driver has handed over the whole received
+                // batch: ACK processing then opens the congestion window once for many
+                // datagrams and the sender emits full GSO batches instead of one or two
+                // datagrams per ACK (and the receiver sends one ACK for the batch).
+                self.pump_pending = true;
+                return;
             }
             other => {
                 if let NodeEvent::Introduced {
@@ -167,11 +176,18 @@ impl<S: Service> NodeApp for DataPlane<S> {
     }
 
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore) {
+        self.pump_pending = false;
         if self.transport.poll_timeout().is_some_and(|t| t <= now) {
             self.transport.handle_timeout(now);
         }
         self.service.on_tick(now, core, &mut self.transport);
         self.pump(now, core);
+    }
+
+    fn flush(&mut self, now: Instant, core: &mut NodeCore) {
+        if std::mem::take(&mut self.pump_pending) {
+            self.pump(now, core);
+        }
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {

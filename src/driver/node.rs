@@ -23,6 +23,10 @@ pub trait NodeApp {
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore);
     /// When the app next wants `on_tick`.
     fn poll_timeout(&mut self) -> Option<Instant>;
+    /// Called after a run of [`NodeApp::on_event`] calls, once the core's event queue is
+    /// empty: an app may defer per-event work (e.g. polling its transport for transmits)
+    /// to here so that a received batch is answered as a batch. Default: nothing.
+    fn flush(&mut self, _now: Instant, _core: &mut NodeCore) {}
     /// Whether the app has finished (the driver then returns).
     fn is_done(&self) -> bool;
 }
@@ -453,13 +457,21 @@ impl NodeDriver {
                 }
             }
             self.flush_relay(now);
+            let mut app_events = false;
             while let Some(ev) = self.core.poll_event() {
                 progressed = true;
                 match ev {
                     NodeEvent::ConnectRelayTcp(addr) => self.open_relay(now, addr),
                     NodeEvent::CloseRelayTcp => self.close_relay(now, false),
-                    other => app.on_event(now, &mut self.core, other),
+                    other => {
+                        app_events = true;
+                        app.on_event(now, &mut self.core, other);
+                    }
                 }
+            }
+            if app_events {
+                // Whatever the app queued goes out on the next round of this loop.
+                app.flush(now, &mut self.core);
             }
             if !progressed {
                 return Ok(());
