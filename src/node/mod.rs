@@ -76,7 +76,7 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// `Some(n)`: `contents` holds several datagrams of `n` bytes each (the last may be
     /// shorter) for one GSO send; a driver without GSO sends them one by one. `None`: one
-    /// datagram. Only [`NodeCore::send_segments`] on a direct path produces `Some`.
+    /// datagram. Only [`NodeCore::send_segments`] produces `Some` (direct and relay-UDP paths).
     pub segment_size: Option<usize>,
     /// The bytes.
     pub contents: Vec<u8>,
@@ -609,8 +609,9 @@ impl NodeCore {
     /// Sends a batch of datagrams to `peer`: `contents` holds datagrams of `segment_size`
     /// bytes each (the last may be shorter; `None`: one datagram), as a QUIC stack with
     /// segmentation offload emits them. On a direct path the buffer is moved, uncopied, into
-    /// one [`Transmit`] for a GSO send; relayed paths carry each datagram on its own (the
-    /// relay header is per datagram). Returns the path, or the error of the first datagram
+    /// one [`Transmit`] for a GSO send; on the UDP relay path every datagram gets its 8-byte
+    /// relay header and the equal-size results go out as one GSO send too; the TCP relay path
+    /// frames each datagram on its own. Returns the path, or the error of the first datagram
     /// that could not be sent (the rest of the batch is dropped with it, like lost packets).
     pub fn send_segments(
         &mut self,
@@ -630,17 +631,39 @@ impl NodeCore {
             return Err(SendError::NotQuic);
         }
         let h = self.peers.by_id(peer).ok_or(SendError::UnknownPeer)?;
-        if let Some(PathKind::Direct(remote)) = self.path_of(now, h) {
-            let p = self.peers.get_mut(h).ok_or(SendError::UnknownPeer)?;
-            let source = p.punch.direct().and_then(|d| d.local);
-            p.punch.note_sent(now, &self.cfg.punch);
-            self.transmits.push_back(Transmit {
-                source,
-                destination: remote,
-                segment_size: (size < contents.len()).then_some(size),
-                contents,
-            });
-            return Ok(PathKind::Direct(remote));
+        match self.path_of(now, h) {
+            Some(PathKind::Direct(remote)) => {
+                let p = self.peers.get_mut(h).ok_or(SendError::UnknownPeer)?;
+                let source = p.punch.direct().and_then(|d| d.local);
+                p.punch.note_sent(now, &self.cfg.punch);
+                self.transmits.push_back(Transmit {
+                    source,
+                    destination: remote,
+                    segment_size: (size < contents.len()).then_some(size),
+                    contents,
+                });
+                return Ok(PathKind::Direct(remote));
+            }
+            Some(PathKind::RelayUdp) if size < contents.len() => {
+                // Each datagram still carries its own 8-byte relay header, so the
+                // header+datagram segments are equal-size too: one GSO send to the relay
+                // (the relay forwards them one by one, or as a batch if it receives with GRO).
+                let p = self.peers.get(h).ok_or(SendError::UnknownPeer)?;
+                let ch = p.intro.ok_or(SendError::NoPath)?.channel;
+                let count = contents.len().div_ceil(size);
+                let mut out = Vec::with_capacity(contents.len() + count * relay_data::HEADER_LEN);
+                for datagram in contents.chunks(size) {
+                    relay_data::encode(ch, datagram, &mut out);
+                }
+                self.transmits.push_back(Transmit {
+                    source: None,
+                    destination: self.session.udp_addr(),
+                    segment_size: Some(size + relay_data::HEADER_LEN),
+                    contents: out,
+                });
+                return Ok(PathKind::RelayUdp);
+            }
+            _ => {}
         }
         let mut path = Err(SendError::NoPath);
         for datagram in contents.chunks(size) {
