@@ -231,6 +231,10 @@ const TIMER_COUNT: usize = 2;
 const REGISTER_WAIT: Duration = Duration::from_secs(1);
 /// How often the STUN round repeats to notice a changed mapping.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(120);
+/// Relayed packets kept while their channel's introduction is on its way.
+const EARLY_RELAYED_MAX: usize = 32;
+/// How long such a packet is kept.
+const EARLY_RELAYED_TTL: Duration = Duration::from_secs(2);
 /// Most app pings awaiting a pong.
 const MAX_APP_PINGS: usize = 1024;
 
@@ -276,6 +280,9 @@ pub struct NodeCore {
     relay_epoch: u64,
     /// Whether confirmed direct paths carry traffic (see [`NodeCore::set_direct_allowed`]).
     direct_allowed: bool,
+    /// Relayed packets that arrived on a channel before its introduction (UDP can overtake
+    /// the relay's TCP message): replayed when the introduction arrives. Bounded.
+    early_relayed: VecDeque<(Instant, ChannelId, Vec<u8>)>,
 }
 
 impl NodeCore {
@@ -304,6 +311,7 @@ impl NodeCore {
             netcheck_wanted: false,
             advertised: None,
             direct_allowed: true,
+            early_relayed: VecDeque::new(),
             pending_challenge: None,
             relay_epoch: 0,
         }
@@ -965,13 +973,31 @@ impl NodeCore {
                 self.events.push_back(NodeEvent::PathChanged { peer, path });
             }
         }
+        // Packets that overtook this introduction.
+        let (early, later): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.early_relayed)
+            .into_iter()
+            .filter(|(t, _, _)| now.saturating_duration_since(*t) < EARLY_RELAYED_TTL)
+            .partition(|(_, ch, _)| *ch == intro.channel);
+        self.early_relayed = later;
+        for (_, ch, bytes) in early {
+            self.on_relayed(now, ch, &bytes);
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }
 
     fn on_relayed(&mut self, now: Instant, ch: ChannelId, payload: &[u8]) {
         let Some(h) = self.peers.by_channel(ch) else {
-            trace!(?ch, "relayed data on an unknown channel");
+            // The relay sends the introduction over TCP and the peer's first packet over
+            // UDP at once; the packet may win. Keep a few for a moment instead of dropping
+            // the peer's first ping or QUIC Initial.
+            self.early_relayed
+                .retain(|(t, _, _)| now.saturating_duration_since(*t) < EARLY_RELAYED_TTL);
+            if self.early_relayed.len() < EARLY_RELAYED_MAX {
+                self.early_relayed.push_back((now, ch, payload.to_vec()));
+            } else {
+                trace!(?ch, "relayed data on an unknown channel");
+            }
             return;
         };
         match classify(payload) {
