@@ -541,7 +541,7 @@ fn print_table(cells: &[Cell], window: u64, duration: Duration) {
         duration.as_secs_f64()
     );
     println!(
-        "{:>7} {:>5} | {:>10} {:>8} {:>7} {:>6} | {:>10} {:>8} {:>7} {:>6} | {:>6}",
+        "{:>7} {:>5} | {:>10} {:>8} {:>7} {:>6} | {:>10} {:>8} {:>7} {:>6} | {:>6} {:>9}",
         "payload",
         "pairs",
         "relay p/s",
@@ -552,7 +552,8 @@ fn print_table(cells: &[Cell], window: u64, duration: Duration) {
         "MB/s",
         "µs/pkt",
         "lost",
-        "ratio"
+        "ratio",
+        "cpu ratio"
     );
     for pair in cells.chunks(2) {
         let (r, b) = (&pair[0], &pair[1]);
@@ -561,7 +562,7 @@ fn print_table(cells: &[Cell], window: u64, duration: Duration) {
                 .map_or("-".into(), |u| format!("{u:.2}"))
         };
         println!(
-            "{:>7} {:>5} | {:>10.0} {:>8.1} {:>7} {:>6} | {:>10.0} {:>8.1} {:>7} {:>6} | {:>6.2}",
+            "{:>7} {:>5} | {:>10.0} {:>8.1} {:>7} {:>6} | {:>10.0} {:>8.1} {:>7} {:>6} | {:>6.2} {:>9}",
             r.payload,
             r.pairs,
             r.pps(),
@@ -572,10 +573,21 @@ fn print_table(cells: &[Cell], window: u64, duration: Duration) {
             b.mbps(),
             us(b),
             b.lost,
-            r.pps() / b.pps().max(1.0)
+            r.pps() / b.pps().max(1.0),
+            cpu_ratio(r, b).map_or("-".into(), |x| format!("{x:.2}"))
         );
     }
     println!("ratio = relay packets/s ÷ baseline packets/s; MB/s counts payload bytes only.");
+    println!(
+        "cpu ratio = baseline CPU µs/packet ÷ relay CPU µs/packet (1.0: as cheap as the raw \
+         forwarder); steadier than packets/s on a shared machine."
+    );
+}
+
+/// Baseline CPU per packet over relay CPU per packet.
+fn cpu_ratio(relay: &Cell, baseline: &Cell) -> Option<f64> {
+    let (r, b) = (relay.cpu_us_per_packet?, baseline.cpu_us_per_packet?);
+    (r > 0.0).then(|| b / r)
 }
 
 fn write_json(cells: &[Cell], window: u64, duration: Duration) {
@@ -601,7 +613,7 @@ fn write_json(cells: &[Cell], window: u64, duration: Duration) {
                 "\"cpu_us_per_packet\": {}, \"lost\": {}, \"packets\": {}, \"secs\": {:.3}}}, ",
                 "\"baseline\": {{\"packets_per_sec\": {:.0}, \"payload_mb_per_sec\": {:.2}, ",
                 "\"cpu_us_per_packet\": {}, \"lost\": {}, \"packets\": {}, \"secs\": {:.3}}}, ",
-                "\"ratio\": {:.3}}}"
+                "\"ratio\": {:.3}, \"cpu_ratio\": {}}}"
             ),
             r.payload,
             r.pairs,
@@ -617,7 +629,8 @@ fn write_json(cells: &[Cell], window: u64, duration: Duration) {
             b.lost,
             b.packets,
             b.secs,
-            r.pps() / b.pps().max(1.0)
+            r.pps() / b.pps().max(1.0),
+            cpu_ratio(r, b).map_or("null".into(), |x| format!("{x:.3}")),
         ));
     }
     let json = format!(

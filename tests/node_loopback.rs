@@ -252,3 +252,113 @@ fn a_peer_that_comes_back_is_answered_at_once() {
     }
     drop(listener);
 }
+
+#[test]
+fn allow_list_refuses_other_peers_and_admits_listed_ones() {
+    let relay = Relay::start("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let relay_s = relay.addr.to_string();
+    let friend_key = dir.path().join("friend.key");
+    let friend = burrow(&["id", "--identity", friend_key.to_str().unwrap()]);
+    let friend = String::from_utf8(friend.stdout).unwrap().trim().to_string();
+    let inbox = dir.path().join("inbox");
+    let listener = Listener::start(
+        relay.addr,
+        dir.path(),
+        &["--out", inbox.to_str().unwrap(), "--allow", &friend],
+    );
+    let file = dir.path().join("note.txt");
+    std::fs::write(&file, b"for friends only").unwrap();
+    let send = |key: &std::path::Path| {
+        burrow(&[
+            "send",
+            &listener.peer,
+            file.to_str().unwrap(),
+            "--relay",
+            &relay_s,
+            "--identity",
+            key.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1:0",
+            "--no-ipv6",
+            "--connect-timeout",
+            "20",
+        ])
+    };
+    let stranger = send(&dir.path().join("stranger.key"));
+    assert!(
+        !stranger.status.success(),
+        "a peer not in --allow must fail: {}",
+        String::from_utf8_lossy(&stranger.stdout)
+    );
+    assert!(
+        !inbox.join("note.txt").exists(),
+        "nothing from the stranger"
+    );
+    wait_line(&listener.stderr, "not in --allow");
+    let ok = send(&friend_key);
+    assert!(
+        ok.status.success(),
+        "the allowed peer: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        std::fs::read(inbox.join("note.txt")).unwrap(),
+        b"for friends only"
+    );
+}
+
+#[test]
+fn ipv6_relay_and_candidates_work() {
+    // Relay on ::1: registration over TCP/IPv6, relayed UDP over IPv6, and a direct path
+    // between the nodes' IPv6 (or IPv4) host candidates.
+    let relay = Relay::start("[::1]:0");
+    assert!(relay.addr.is_ipv6());
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin("burrow"))
+        .arg("listen")
+        .args(["--relay", &relay.addr.to_string()])
+        .args(["--identity", dir.path().join("l.key").to_str().unwrap()])
+        .args(["--bind", "127.0.0.1:0", "--bind6", "[::1]:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start burrow listen");
+    let stdout = lines_of(child.stdout.take().unwrap(), "listen6");
+    let stderr = lines_of(child.stderr.take().unwrap(), "listen6!");
+    let _listener = Proc {
+        child,
+        name: "burrow listen",
+    };
+    let peer = stdout.recv_timeout(WAIT).expect("peer ID");
+    let line = wait_line(&stderr, "registered");
+    assert!(line.contains("[::1]:"), "registered over IPv6: {line}");
+    let out = burrow(&[
+        "ping",
+        &peer,
+        "--relay",
+        &relay.addr.to_string(),
+        "--identity",
+        dir.path().join("p.key").to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+        "--bind6",
+        "[::1]:0",
+        "--json",
+        "--count",
+        "20",
+        "--interval",
+        "0.2",
+        "--until-direct",
+        "--timeout",
+        "30",
+    ]);
+    let stderr_text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ping over IPv6 failed: {stderr_text}");
+    let pongs = json_lines(&out.stdout);
+    assert_eq!(pongs.last().unwrap()["path"], "direct", "{pongs:?}");
+    for p in pongs.iter().filter(|p| p["path"] == "relay-udp") {
+        assert!(p["remote"].as_str().unwrap().starts_with("[::1]:"), "{p}");
+    }
+}

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let settings = match settings::Settings::load(cli) {
+    let settings = match <settings::Settings as settings::Load>::load(cli) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let server = burrow::driver::relay::StopPipe::new()
         .and_then(|stop| {
             stop.install_signal_handlers()?;
-            burrow::driver::relay::bind(settings.into_server_config(), stop)
+            burrow::driver::relay::bind(settings, stop)
         })
         .and_then(|server| server.run());
     match server {

@@ -89,34 +89,20 @@ pub struct FileConfig {
     pub limits: Limits,
 }
 
-/// Everything the driver needs, merged.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub listen: SocketAddr,
-    pub alt_listen: Option<SocketAddr>,
-    pub metrics: Option<SocketAddr>,
-    pub tokens: Vec<String>,
-    pub udp_buffer_bytes: usize,
-    pub limits: Limits,
-}
+/// Everything the driver needs, merged: the library's server configuration.
+pub type Settings = burrow::driver::relay::RelayServerConfig;
 
 /// Default port: the IANA STUN port, so the relay doubles as a STUN server.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:3478";
 
-impl Settings {
-    /// The library's server configuration.
-    pub fn into_server_config(self) -> burrow::driver::relay::RelayServerConfig {
-        burrow::driver::relay::RelayServerConfig {
-            listen: self.listen,
-            alt_listen: self.alt_listen,
-            metrics: self.metrics,
-            tokens: self.tokens,
-            udp_buffer_bytes: self.udp_buffer_bytes,
-            limits: self.limits,
-        }
-    }
+/// Loading the settings from the command line and the config file.
+pub trait Load: Sized {
+    /// Merges the file (if any) and the flags.
+    fn load(cli: Cli) -> Result<Self, String>;
+}
 
-    pub fn load(cli: Cli) -> Result<Settings, String> {
+impl Load for Settings {
+    fn load(cli: Cli) -> Result<Settings, String> {
         let file = match &cli.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

@@ -412,6 +412,13 @@ impl BenchClient {
             if now < ss + Duration::from_secs(1) && self.end.is_none() {
                 break;
             }
+            // The last, partial interval: drop a sliver (under 100 ms) that only holds the
+            // wait for the final frame; its bytes are in the summary anyway.
+            if self.end.is_some() && now.saturating_duration_since(ss) < Duration::from_millis(100)
+            {
+                self.sample_start = None;
+                break;
+            }
             let end = if self.end.is_some() {
                 now.min(ss + Duration::from_secs(1))
             } else {

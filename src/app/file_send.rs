@@ -121,11 +121,12 @@ impl SendSummary {
         self.failures.is_empty()
     }
 
-    /// Verified bytes per second, in MB/s (10^6).
+    /// Bytes actually sent per second, in MB/s (10^6). Resumed bytes do not count: they
+    /// never crossed the network, and counting them would inflate the rate.
     pub fn megabytes_per_second(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
-            self.bytes_ok as f64 / secs / 1e6
+            self.bytes_sent as f64 / secs / 1e6
         } else {
             0.0
         }

@@ -2,9 +2,19 @@
 //!
 //! The opener writes [`Request::Pipe`] and then, without waiting, its input; the acceptor
 //! answers [`Reply::Accept`] and then its own input. The two directions are independent:
-//! each ends with its own FIN (a half-close), so `echo hi | burrow pipe PEER` delivers "hi"
-//! and EOF while the other direction keeps flowing. The pipe is done when our FIN was
-//! acknowledged, the peer's EOF was read and the driver took all output.
+//! each ends with its own EOF (a half-close), so `echo hi | burrow pipe PEER` delivers "hi"
+//! and EOF while the other direction keeps flowing.
+//!
+//! After the header each direction carries frames `[len: u32 BE][len bytes]`; `len = 0`
+//! is EOF and `len = 0xFFFF_FFFF` is CONSUMED: "I read your EOF and handed all your bytes
+//! to my driver". The QUIC FIN follows once both were sent. Why the extra marker: closing a
+//! QUIC connection discards whatever the peer's application had not read yet (unlike a TCP
+//! FIN), so a side may close only once it knows the peer consumed everything, and a FIN's
+//! acknowledgement only says the peer's *transport* has the bytes. The pipe is done when
+//! both EOFs and both CONSUMEDs went through (ours acknowledged) and the driver took all
+//! output; then either side may close the connection. A normal close
+//! ([`CLOSE_NORMAL`]) by the peer after we sent CONSUMED is a clean end too: the peer only
+//! closes once it got our CONSUMED and its own was acknowledged.
 //!
 //! Driver side (no I/O here): feed stdin with [`Pipe::push_input`] (it takes what fits in
 //! a bounded buffer; retry the rest after [`Pipe::can_push`] turns true again), signal
@@ -21,7 +31,23 @@ use super::protocol::{
     CODE_ABORTED, CODE_REJECTED, FramePoll, FrameReader, OutBuf, Reason, Reply, Request,
     decode_reply, encode_reply, encode_request,
 };
-use crate::transport::{ConnectionHandle, Dir, Event, StreamId, StreamRead, Transport};
+use crate::transport::{
+    CLOSE_NORMAL, ConnectionError, ConnectionHandle, Dir, Event, LostReason, StreamId, StreamRead,
+    Transport,
+};
+
+/// Frame length meaning "end of my input".
+const EOF: u32 = 0;
+/// Frame length meaning "I read your EOF and all your bytes".
+const CONSUMED: u32 = u32::MAX;
+/// Largest data frame.
+const MAX_DATA_FRAME: usize = 64 * 1024;
+
+/// Whether the peer closed the connection with [`CLOSE_NORMAL`].
+fn closed_normally_by_peer(reason: &LostReason) -> bool {
+    matches!(reason, LostReason::Quic(ConnectionError::ApplicationClosed(close))
+        if close.error_code.into_inner() == u64::from(CLOSE_NORMAL))
+}
 
 /// Why a pipe ended badly.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,9 +83,22 @@ pub struct Pipe {
     reply: Option<FrameReader>,
     input: VecDeque<u8>,
     input_eof: bool,
+    /// The frame being written (data, EOF or CONSUMED).
+    frame: OutBuf,
+    eof_sent: bool,
+    consumed_sent: bool,
     fin_sent: bool,
     fin_acked: bool,
     peer_eof: bool,
+    peer_consumed: bool,
+    /// The peer closed the connection normally after our CONSUMED.
+    peer_closed_clean: bool,
+    /// The peer's FIN was read: the stream's receive side is gone.
+    recv_done: bool,
+    /// Incoming frame header bytes, and data bytes left in the current frame.
+    in_len: [u8; 4],
+    in_len_have: usize,
+    in_remaining: usize,
     output: VecDeque<Bytes>,
     output_len: usize,
     read_buf: Vec<u8>,
@@ -88,9 +127,18 @@ impl Pipe {
             reply: opener.then(FrameReader::new),
             input: VecDeque::new(),
             input_eof: false,
+            frame: OutBuf::new(),
+            eof_sent: false,
+            consumed_sent: false,
             fin_sent: false,
             fin_acked: false,
             peer_eof: false,
+            peer_consumed: false,
+            peer_closed_clean: false,
+            recv_done: false,
+            in_len: [0; 4],
+            in_len_have: 0,
+            in_remaining: 0,
             output: VecDeque::new(),
             output_len: 0,
             read_buf: vec![0; 64 * 1024],
@@ -202,6 +250,11 @@ impl Pipe {
             Event::ConnectionLost {
                 conn, ref reason, ..
             } if conn == self.conn => {
+                if self.consumed_sent && self.eof_sent && closed_normally_by_peer(reason) {
+                    // The peer is only done (and closes) once it got our CONSUMED, which we
+                    // send after reading its EOF; and it sent its CONSUMED after reading ours.
+                    self.peer_closed_clean = true;
+                }
                 if !self.is_finished() && self.error.is_none() {
                     self.error = Some(PipeError::ConnectionLost(reason.to_string()));
                 }
@@ -222,7 +275,10 @@ impl Pipe {
     }
 
     fn is_finished(&self) -> bool {
-        self.fin_acked && self.peer_eof
+        self.eof_sent
+            && self.consumed_sent
+            && self.peer_eof
+            && (self.peer_closed_clean || (self.peer_consumed && self.fin_acked))
     }
 
     /// Whether the pipe is over: both directions finished and output drained, or failed.
@@ -295,33 +351,49 @@ impl Pipe {
             }
         }
         self.read_side(transport, stream);
+        // Reading may have found the peer's EOF: CONSUMED (and our FIN) can go now.
+        if !self.fin_sent
+            && self.error.is_none()
+            && self.reply.is_none()
+            && let Err(e) = self.write_input(transport, stream)
+        {
+            self.fail(transport, PipeError::Stream(e));
+        }
     }
 
     fn write_input(&mut self, transport: &mut Transport, stream: StreamId) -> Result<(), String> {
         let conn = self.conn;
-        if !self
-            .header
-            .flush(transport, conn, stream)
-            .map_err(|e| e.to_string())?
-        {
+        let err = |e: crate::transport::TransportError| e.to_string();
+        if !self.header.flush(transport, conn, stream).map_err(err)? {
             return Ok(());
         }
-        while !self.input.is_empty() {
-            let (a, _) = self.input.as_slices();
-            let n = transport
-                .write(conn, stream, a)
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
+        loop {
+            if !self.frame.flush(transport, conn, stream).map_err(err)? {
                 return Ok(());
             }
-            self.input.drain(..n);
-            self.stats.bytes_sent += n as u64;
+            if self.peer_eof && self.output.is_empty() && !self.consumed_sent {
+                self.frame.push(&CONSUMED.to_be_bytes());
+                self.consumed_sent = true;
+            } else if !self.input.is_empty() {
+                let n = self.input.len().min(MAX_DATA_FRAME);
+                self.frame.push(&(n as u32).to_be_bytes());
+                let (a, b) = self.input.as_slices();
+                let from_a = n.min(a.len());
+                self.frame.push(&a[..from_a]);
+                self.frame.push(&b[..n - from_a]);
+                self.input.drain(..n);
+                self.stats.bytes_sent += n as u64;
+            } else if self.input_eof && !self.eof_sent {
+                self.frame.push(&EOF.to_be_bytes());
+                self.eof_sent = true;
+            } else {
+                if self.eof_sent && self.consumed_sent && !self.fin_sent {
+                    transport.finish(conn, stream).map_err(err)?;
+                    self.fin_sent = true;
+                }
+                return Ok(());
+            }
         }
-        if self.input_eof {
-            transport.finish(conn, stream).map_err(|e| e.to_string())?;
-            self.fin_sent = true;
-        }
-        Ok(())
     }
 
     fn read_side(&mut self, transport: &mut Transport, stream: StreamId) {
@@ -354,16 +426,62 @@ impl Pipe {
         // Copying into one 64 KiB buffer rather than taking quinn's per-packet chunks
         // (`read_chunk`): the driver writes each output chunk with one syscall, and one
         // write per ~1.2 kB packet would cost far more than the copy.
-        while !self.peer_eof && self.output_len < Self::OUTPUT_CAP {
-            match transport.read(conn, stream, &mut self.read_buf) {
+        while !self.recv_done && self.output_len < Self::OUTPUT_CAP {
+            if self.in_remaining == 0 {
+                match transport.read(conn, stream, &mut self.in_len[self.in_len_have..]) {
+                    Ok(StreamRead::Data(n)) => self.in_len_have += n,
+                    Ok(StreamRead::Blocked) => break,
+                    Ok(StreamRead::Finished) if self.in_len_have == 0 && self.peer_consumed => {
+                        self.recv_done = true;
+                        break;
+                    }
+                    Ok(StreamRead::Finished) => {
+                        return self.fail(
+                            transport,
+                            PipeError::Stream("peer ended the stream without EOF".into()),
+                        );
+                    }
+                    Err(e) => return self.fail(transport, PipeError::Stream(e.to_string())),
+                }
+                if self.in_len_have < 4 {
+                    continue;
+                }
+                self.in_len_have = 0;
+                match u32::from_be_bytes(self.in_len) {
+                    EOF => self.peer_eof = true,
+                    CONSUMED => self.peer_consumed = true,
+                    _ if self.peer_eof => {
+                        return self.fail(
+                            transport,
+                            PipeError::Stream("peer sent data after its EOF".into()),
+                        );
+                    }
+                    n if n as usize > MAX_DATA_FRAME => {
+                        return self.fail(
+                            transport,
+                            PipeError::Stream(format!("peer frame of {n} bytes")),
+                        );
+                    }
+                    n => self.in_remaining = n as usize,
+                }
+                continue;
+            }
+            let want = self.in_remaining.min(self.read_buf.len());
+            match transport.read(conn, stream, &mut self.read_buf[..want]) {
                 Ok(StreamRead::Data(n)) => {
                     self.output
                         .push_back(Bytes::copy_from_slice(&self.read_buf[..n]));
                     self.output_len += n;
+                    self.in_remaining -= n;
                     self.stats.bytes_received += n as u64;
                 }
                 Ok(StreamRead::Blocked) => break,
-                Ok(StreamRead::Finished) => self.peer_eof = true,
+                Ok(StreamRead::Finished) => {
+                    return self.fail(
+                        transport,
+                        PipeError::Stream("peer ended the stream inside a frame".into()),
+                    );
+                }
                 Err(e) => return self.fail(transport, PipeError::Stream(e.to_string())),
             }
         }

@@ -20,8 +20,10 @@
 //!   `resume: false`), sends the file bytes from `resume_offset` to `size`, then
 //!   the 32-byte BLAKE3 hash of the whole file as a trailer, then FIN; the acceptor answers
 //!   [`Reply::Verified`] or [`Reply::Failed`] and FINs.
-//! - [`Request::Pipe`]: the acceptor replies [`Reply::Accept`]; then both directions carry
-//!   raw bytes, each ended by its own FIN.
+//! - [`Request::Pipe`]: the acceptor replies [`Reply::Accept`]; then each direction carries
+//!   `[len: u32 BE][bytes]` frames ended by an EOF frame (`len = 0`), a CONSUMED frame
+//!   (`len = 0xFFFF_FFFF`, sent after reading the peer's EOF) and FIN (see
+//!   [`super::pipe`]).
 //! - [`Request::Bench`]: the acceptor replies [`Reply::Accept`]; the sending side writes
 //!   filler bytes for `seconds` then FINs; when the acceptor was the receiver it answers
 //!   with [`Reply::BenchResult`].

@@ -846,6 +846,51 @@ fn pipe_half_close_keeps_the_other_direction() {
 }
 
 #[test]
+fn pipe_is_not_done_while_the_peer_has_not_consumed_our_bytes() {
+    // Closing a QUIC connection drops what the peer's application has not read, so the
+    // opener must not be done (and close) while the acceptor's driver sits on our bytes.
+    let mut net = Net::new(21, Duration::from_millis(1));
+    let (ca, _) = net.connect();
+    let mut opener = Pipe::open(&mut net.nodes[0], ca);
+    let mut l = Listener::new(ListenConfig {
+        pipe: true,
+        ..ListenConfig::default()
+    });
+    let data = pattern(100_000, 21);
+    assert_eq!(opener.push_input(&mut net.nodes[0], &data), data.len());
+    opener.input_eof(&mut net.nodes[0]);
+    for _ in 0..2_000 {
+        if let Some(p) = l.pipe_mut()
+            && !p.peer_finished()
+        {
+            let t1 = &mut net.nodes[1];
+            p.input_eof(t1);
+        }
+        net.step(&mut opener, &mut l);
+    }
+    // Everything was acknowledged at the transport level long ago, but not consumed.
+    assert!(
+        !opener.is_done(),
+        "done before the acceptor consumed our bytes"
+    );
+    let mut got = Vec::new();
+    for _ in 0..10_000 {
+        if let Some(p) = l.pipe_mut() {
+            while let Some(b) = p.poll_output() {
+                got.extend_from_slice(&b);
+            }
+        }
+        if opener.is_done() && l.is_done() {
+            break;
+        }
+        net.step(&mut opener, &mut l);
+    }
+    assert!(got == data);
+    assert!(matches!(opener.outcome(), Some(Ok(_))));
+    assert!(matches!(l.pipe_mut().unwrap().outcome(), Some(Ok(_))));
+}
+
+#[test]
 fn pipe_refused_when_not_enabled() {
     let mut net = Net::new(11, Duration::from_millis(1));
     let (ca, _) = net.connect();

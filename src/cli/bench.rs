@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use burrow::app::{BenchClient, BenchConfig, BenchSummary};
 use burrow::node::{NodeCore, NodeEvent, PathKind};
 use burrow::plane::{DataPlane, Service};
-use burrow::transport::{ConnectionHandle, Event, Side, Transport};
-use burrow::wire::PeerId;
+use burrow::transport::{Event, Transport};
 use clap::Args;
 
+use super::dial::Dial;
 use super::{NodeArgs, describe_path, parse_peer};
 
 /// `burrow bench` options.
@@ -42,28 +42,21 @@ pub struct BenchArgs {
     connect_timeout: u64,
 }
 
-const LINGER: Duration = Duration::from_millis(200);
-
 pub(crate) struct BenchService {
-    peer: PeerId,
+    dial: Dial,
     config: BenchConfig,
-    conn: Option<ConnectionHandle>,
     client: Option<BenchClient>,
-    path: Option<PathKind>,
     wait_direct_until: Option<Instant>,
-    error: Option<String>,
     printed: usize,
     json: bool,
-    connect_deadline: Instant,
-    linger_until: Option<Instant>,
 }
 
 impl BenchService {
     fn maybe_start(&mut self, now: Instant, transport: &mut Transport) {
-        let (Some(conn), None) = (self.conn, self.client.as_ref()) else {
+        let (Some(conn), None) = (self.dial.conn, self.client.as_ref()) else {
             return;
         };
-        let direct = matches!(self.path, Some(PathKind::Direct(_)));
+        let direct = matches!(self.dial.path, Some(PathKind::Direct(_)));
         if !direct && self.wait_direct_until.is_some_and(|t| now < t) {
             return;
         }
@@ -73,7 +66,7 @@ impl BenchService {
         if !self.json {
             println!(
                 "benchmarking {} for {} s, {} stream(s), {} ({})",
-                self.peer.short(),
+                self.dial.peer.short(),
                 self.config.seconds,
                 self.config.streams,
                 if self.config.reverse {
@@ -81,7 +74,8 @@ impl BenchService {
                 } else {
                     "we send"
                 },
-                self.path
+                self.dial
+                    .path
                     .map(|p| describe_path(&p))
                     .unwrap_or_else(|| "path unknown".into())
             );
@@ -110,81 +104,42 @@ impl BenchService {
 
 impl Service for BenchService {
     fn on_transport_event(&mut self, now: Instant, transport: &mut Transport, event: Event) {
-        match &event {
-            Event::Connected { conn, peer, side }
-                if *peer == self.peer && *side == Side::Client =>
-            {
-                self.conn.get_or_insert(*conn);
-                self.maybe_start(now, transport);
-                return;
-            }
-            Event::ConnectionLost { peer, reason, .. }
-                if *peer == self.peer && self.client.is_none() =>
-            {
-                self.error = Some(format!("cannot connect to {peer}: {reason}"));
-            }
-            _ => {}
-        }
-        if let Some(c) = self.client.as_mut() {
+        if self.dial.connected(&event).is_some() {
+            self.maybe_start(now, transport);
+        } else if let Some(c) = self.client.as_mut() {
             c.handle_event(now, transport, &event);
         }
     }
 
     fn on_node_event(&mut self, _now: Instant, _core: &mut NodeCore, event: &NodeEvent) {
-        match event {
-            NodeEvent::PathChanged { peer, path } if *peer == self.peer => {
-                self.path = Some(*path);
-                if self.client.is_some() && !self.json {
-                    println!("path: {}", describe_path(path));
-                }
-            }
-            NodeEvent::ConnectFailed { peer, message, .. } if *peer == self.peer => {
-                self.error = Some(format!("cannot reach {peer}: {message}"));
-            }
-            NodeEvent::RelayError { code, message } => {
-                self.error = Some(format!("relay refused us: {code:?}: {message}"));
-            }
-            _ => {}
+        if let Some(path) = self.dial.on_node_event(event)
+            && self.client.is_some()
+            && !self.json
+        {
+            println!("path: {}", describe_path(&path));
         }
     }
 
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore, transport: &mut Transport) {
-        if self.path.is_none() {
-            self.path = core.path(now, &self.peer);
-        }
         self.maybe_start(now, transport);
         if let Some(c) = self.client.as_mut() {
             c.on_tick(now, transport);
         }
         self.print_samples();
-        if self.conn.is_none() && now >= self.connect_deadline && self.error.is_none() {
-            self.error = Some(format!(
-                "no connection to {} (is it running `burrow listen`?)",
-                self.peer
-            ));
-        }
         let finished = self.client.as_ref().is_some_and(|c| c.is_done());
-        if self.linger_until.is_none() && (finished || self.error.is_some()) {
-            self.linger_until = Some(now + LINGER);
-            if let Some(conn) = self.conn {
-                let _ = transport.close(now, conn, 0, b"done");
-            }
-        }
+        self.dial.tick(now, core, transport, finished);
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = vec![self.linger_until, self.wait_direct_until];
-        if let Some(c) = &self.client {
-            t.push(c.poll_timeout());
-        }
-        if self.conn.is_none() {
-            t.push(Some(self.connect_deadline));
-        }
-        t.into_iter().flatten().min()
+        let client = self.client.as_ref().and_then(|c| c.poll_timeout());
+        [client, self.dial.poll_timeout(), self.wait_direct_until]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn is_done(&self) -> bool {
-        self.linger_until.is_some_and(|t| Instant::now() >= t)
+        self.dial.is_done()
     }
 }
 
@@ -241,23 +196,22 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
     let now = Instant::now();
     let service = BenchService {
-        peer,
+        dial: Dial::new(
+            peer,
+            Duration::from_secs(args.connect_timeout),
+            "burrow listen",
+        ),
         config: BenchConfig {
             seconds: args.seconds.max(1),
             reverse: args.reverse,
             streams: args.streams.max(1),
             datagram_rate: args.datagram.map(|mbit| mbit.max(1) * 1_000_000 / 8),
         },
-        conn: None,
         client: None,
-        path: None,
         wait_direct_until: (args.wait_direct > 0)
             .then(|| now + Duration::from_secs(args.wait_direct)),
-        error: None,
         printed: 0,
         json: args.json,
-        connect_deadline: now + Duration::from_secs(args.connect_timeout),
-        linger_until: None,
     };
     let mut plane = DataPlane::new(transport, service);
     plane.connect(now, driver.core(), peer);
@@ -265,14 +219,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         .run(&mut plane, None)
         .map_err(|e| format!("network error: {e}"))?;
     let service = plane.service_mut();
-    if let Some(e) = service.error.take() {
+    if let Some(e) = service.dial.error.take() {
         return Err(e);
     }
     let Some(client) = &service.client else {
         return Err("the benchmark never started".into());
     };
     let summary = client.summary();
-    print_summary(&summary, service.path, args.json);
+    print_summary(&summary, service.dial.path, args.json);
     if summary.errors.is_empty() && summary.bytes > 0 {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -13,7 +13,7 @@ use burrow::transport::{Event, Transport};
 use burrow::wire::PeerId;
 use clap::Args;
 
-use super::stdio::{Input, StdinReader, StdoutWriter};
+use super::stdio::{StdinReader, StdoutWriter, pump_pipe};
 use super::{NodeArgs, describe_path, parse_allow};
 
 /// `burrow listen` options.
@@ -44,7 +44,13 @@ pub(crate) struct ListenService {
     stdout: Option<StdoutWriter>,
     pipe_done: bool,
     pipe_failed: Option<String>,
+    /// `--pipe`: once the pipe ended, the connection is closed and we linger until this
+    /// instant so the close (and the ACK of the peer's FIN) reaches the peer.
+    linger_until: Option<Instant>,
 }
+
+/// How long `listen --pipe` keeps running after closing the pipe's connection.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl ListenService {
     fn report(&mut self, r: ListenReport) {
@@ -95,37 +101,8 @@ impl ListenService {
     }
 
     fn pump_pipe(&mut self, transport: &mut Transport) {
-        let Some(pipe) = self.listener.pipe_mut() else {
-            return;
-        };
-        if let Some(stdin) = self.stdin.as_mut() {
-            loop {
-                match stdin.next() {
-                    Input::Data(d) => {
-                        let n = pipe.push_input(transport, d);
-                        if n == 0 {
-                            break;
-                        }
-                        stdin.consumed(n);
-                    }
-                    Input::Eof => {
-                        pipe.input_eof(transport);
-                        self.stdin = None;
-                        break;
-                    }
-                    Input::Empty => break,
-                }
-            }
-        }
-        if let Some(out) = self.stdout.as_mut() {
-            while out.ready() {
-                let Some(chunk) = pipe.poll_output() else {
-                    break;
-                };
-                if !out.offer(chunk) {
-                    break;
-                }
-            }
+        if let (Some(pipe), Some(out)) = (self.listener.pipe_mut(), self.stdout.as_mut()) {
+            pump_pipe(pipe, transport, &mut self.stdin, out);
         }
     }
 }
@@ -175,14 +152,24 @@ impl Service for ListenService {
         while let Some(r) = self.listener.poll_report() {
             self.report(r);
         }
+        if self.pipe_mode && self.pipe_done && self.linger_until.is_none() {
+            self.linger_until = Some(now + LINGER);
+            if let Some(pipe) = self.listener.pipe_mut() {
+                let (conn, _) = pipe.stream();
+                let _ = transport.close(now, conn, 0, b"done");
+            }
+        }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.listener.poll_timeout()
+        [self.listener.poll_timeout(), self.linger_until]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn is_done(&self) -> bool {
-        self.pipe_mode && self.pipe_done
+        self.pipe_mode && self.linger_until.is_some_and(|t| Instant::now() >= t)
     }
 }
 
@@ -221,6 +208,7 @@ pub fn run(args: ListenArgs) -> Result<ExitCode, String> {
         stdin,
         stdout,
         pipe_done: false,
+        linger_until: None,
         pipe_failed: None,
     };
     let mut plane = DataPlane::new(transport, service);

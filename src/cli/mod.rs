@@ -1,6 +1,8 @@
 //! clap front end: parses arguments, builds a node, runs one command on it.
 
 mod bench;
+mod demo;
+mod dial;
 mod listen;
 mod netcheck;
 mod ping;
@@ -47,6 +49,8 @@ enum Command {
     Pipe(pipe::PipeArgs),
     /// Measure throughput to a listening peer, like iperf3.
     Bench(bench::BenchArgs),
+    /// A relay and two nodes on 127.0.0.1 in this process: relay → direct, data, summary.
+    Demo(demo::DemoArgs),
 }
 
 /// Where the identity key lives.
@@ -76,6 +80,9 @@ pub struct NodeArgs {
     /// Local UDP address to bind (IPv4).
     #[arg(long, default_value = "0.0.0.0:0")]
     bind: SocketAddr,
+    /// Local UDP address to bind for IPv6.
+    #[arg(long, default_value = "[::]:0")]
+    bind6: SocketAddr,
     /// Do not open an IPv6 socket.
     #[arg(long)]
     no_ipv6: bool,
@@ -117,7 +124,7 @@ impl NodeArgs {
         }
         let driver = DriverConfig {
             udp4: self.bind,
-            udp6: (!self.no_ipv6).then(|| "[::]:0".parse().expect("valid literal")),
+            udp6: (!self.no_ipv6).then_some(self.bind6),
         };
         NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))
     }
@@ -169,6 +176,7 @@ pub fn main() -> ExitCode {
         Command::Send(args) => send::run(args),
         Command::Pipe(args) => pipe::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use burrow::app::Pipe;
 use burrow::node::{NodeCore, NodeEvent};
 use burrow::plane::{DataPlane, Service};
-use burrow::transport::{ConnectionHandle, Event, Side, Transport};
-use burrow::wire::PeerId;
+use burrow::transport::{Event, Transport};
 use clap::Args;
 
-use super::stdio::{Input, StdinReader, StdoutWriter};
+use super::dial::Dial;
+use super::stdio::{StdinReader, StdoutWriter, pump_pipe};
 use super::{NodeArgs, describe_path, parse_peer};
 
 /// `burrow pipe` options.
@@ -29,128 +29,50 @@ pub struct PipeArgs {
     verbose: bool,
 }
 
-const LINGER: Duration = Duration::from_millis(200);
-
 struct PipeService {
-    peer: PeerId,
-    conn: Option<ConnectionHandle>,
+    dial: Dial,
     pipe: Option<Pipe>,
     stdin: Option<StdinReader>,
     stdout: StdoutWriter,
-    error: Option<String>,
     verbose: bool,
-    connect_deadline: Instant,
-    linger_until: Option<Instant>,
-}
-
-impl PipeService {
-    fn pump(&mut self, transport: &mut Transport) {
-        let Some(pipe) = self.pipe.as_mut() else {
-            return;
-        };
-        if let Some(stdin) = self.stdin.as_mut() {
-            loop {
-                match stdin.next() {
-                    Input::Data(d) => {
-                        let n = pipe.push_input(transport, d);
-                        if n == 0 {
-                            break;
-                        }
-                        stdin.consumed(n);
-                    }
-                    Input::Eof => {
-                        pipe.input_eof(transport);
-                        self.stdin = None;
-                        break;
-                    }
-                    Input::Empty => break,
-                }
-            }
-        }
-        while self.stdout.ready() {
-            let Some(chunk) = pipe.poll_output() else {
-                break;
-            };
-            if !self.stdout.offer(chunk) {
-                break;
-            }
-        }
-    }
 }
 
 impl Service for PipeService {
-    fn on_transport_event(&mut self, _now: Instant, transport: &mut Transport, event: Event) {
-        match &event {
-            Event::Connected { conn, peer, side }
-                if *peer == self.peer && *side == Side::Client =>
-            {
-                if self.conn.is_none() {
-                    self.conn = Some(*conn);
-                    self.pipe = Some(Pipe::open(transport, *conn));
-                }
-                return;
-            }
-            Event::ConnectionLost { peer, reason, .. }
-                if *peer == self.peer && self.pipe.is_none() =>
-            {
-                self.error = Some(format!("cannot connect to {peer}: {reason}"));
-            }
-            _ => {}
+    fn on_transport_event(&mut self, now: Instant, transport: &mut Transport, event: Event) {
+        if let Some(conn) = self.dial.connected(&event) {
+            self.pipe = Some(Pipe::open(transport, conn));
+        } else if let Some(pipe) = self.pipe.as_mut() {
+            pipe.handle_event(now, transport, &event);
         }
         if let Some(pipe) = self.pipe.as_mut() {
-            pipe.handle_event(_now, transport, &event);
+            pump_pipe(pipe, transport, &mut self.stdin, &mut self.stdout);
         }
-        self.pump(transport);
     }
 
     fn on_node_event(&mut self, _now: Instant, _core: &mut NodeCore, event: &NodeEvent) {
-        match event {
-            NodeEvent::PathChanged { peer, path } if *peer == self.peer && self.verbose => {
-                eprintln!("path: {}", describe_path(path));
-            }
-            NodeEvent::ConnectFailed { peer, message, .. } if *peer == self.peer => {
-                self.error = Some(format!("cannot reach {peer}: {message}"));
-            }
-            NodeEvent::RelayError { code, message } => {
-                self.error = Some(format!("relay refused us: {code:?}: {message}"));
-            }
-            _ => {}
+        if let Some(path) = self.dial.on_node_event(event)
+            && self.verbose
+        {
+            eprintln!("path: {}", describe_path(&path));
         }
     }
 
-    fn on_tick(&mut self, now: Instant, _core: &mut NodeCore, transport: &mut Transport) {
+    fn on_tick(&mut self, now: Instant, core: &mut NodeCore, transport: &mut Transport) {
         if let Some(pipe) = self.pipe.as_mut() {
             pipe.on_tick(now, transport);
-        }
-        self.pump(transport);
-        if self.conn.is_none() && now >= self.connect_deadline && self.error.is_none() {
-            self.error = Some(format!(
-                "no connection to {} (is it running `burrow listen --pipe`?)",
-                self.peer
-            ));
+            pump_pipe(pipe, transport, &mut self.stdin, &mut self.stdout);
         }
         let finished = self.pipe.as_ref().is_some_and(|p| p.is_done());
-        if self.linger_until.is_none() && (finished || self.error.is_some()) {
-            self.linger_until = Some(now + LINGER);
-            if let Some(conn) = self.conn {
-                let _ = transport.close(now, conn, 0, b"done");
-            }
-        }
+        self.dial.tick(now, core, transport, finished);
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = vec![self.linger_until];
-        if let Some(p) = &self.pipe {
-            t.push(p.poll_timeout());
-        }
-        if self.conn.is_none() {
-            t.push(Some(self.connect_deadline));
-        }
-        t.into_iter().flatten().min()
+        let pipe = self.pipe.as_ref().and_then(|p| p.poll_timeout());
+        [pipe, self.dial.poll_timeout()].into_iter().flatten().min()
     }
 
     fn is_done(&self) -> bool {
-        self.linger_until.is_some_and(|t| Instant::now() >= t)
+        self.dial.is_done()
     }
 }
 
@@ -162,15 +84,15 @@ pub fn run(args: PipeArgs) -> Result<ExitCode, String> {
     }
     let (_, waker) = driver.stop_handle();
     let service = PipeService {
-        peer,
-        conn: None,
+        dial: Dial::new(
+            peer,
+            Duration::from_secs(args.connect_timeout),
+            "burrow listen --pipe",
+        ),
         pipe: None,
         stdin: Some(StdinReader::start(waker)),
         stdout: StdoutWriter::start(),
-        error: None,
         verbose: args.verbose,
-        connect_deadline: Instant::now() + Duration::from_secs(args.connect_timeout),
-        linger_until: None,
     };
     let mut plane = DataPlane::new(transport, service);
     plane.connect(Instant::now(), driver.core(), peer);
@@ -184,7 +106,7 @@ pub fn run(args: PipeArgs) -> Result<ExitCode, String> {
         }
     }
     let outcome = service.pipe.as_ref().and_then(|p| p.outcome());
-    let error = service.error.take();
+    let error = service.dial.error.take();
     let stdout = std::mem::replace(&mut service.stdout, StdoutWriter::start());
     stdout
         .finish()

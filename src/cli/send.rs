@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use burrow::app::{FileSender, FileSenderConfig, SendSummary};
 use burrow::node::{NodeCore, NodeEvent, PathKind};
 use burrow::plane::{DataPlane, Service};
-use burrow::transport::{ConnectionHandle, Event, Side, Transport};
-use burrow::wire::PeerId;
+use burrow::transport::{Event, Transport};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::dial::Dial;
 use super::{NodeArgs, describe_path, parse_peer};
 
 /// `burrow send` options.
@@ -36,73 +36,29 @@ pub struct SendArgs {
     connect_timeout: u64,
 }
 
-/// How long to keep the loop running after the last verdict so the QUIC close reaches the
-/// peer (one flight).
-const LINGER: Duration = Duration::from_millis(200);
-
 pub(crate) struct SendService {
-    peer: PeerId,
+    dial: Dial,
     sender: FileSender,
-    conn: Option<ConnectionHandle>,
-    path: Option<PathKind>,
-    error: Option<String>,
     bar: ProgressBar,
     last_draw: Option<Instant>,
-    linger_until: Option<Instant>,
-    connect_deadline: Instant,
 }
 
 impl Service for SendService {
     fn on_transport_event(&mut self, now: Instant, transport: &mut Transport, event: Event) {
-        match &event {
-            Event::Connected { conn, peer, side }
-                if *peer == self.peer && *side == Side::Client =>
-            {
-                if self.conn.is_none() {
-                    self.conn = Some(*conn);
-                    self.sender.start(now, transport, *conn);
-                }
-                return;
-            }
-            Event::ConnectionLost { peer, reason, .. }
-                if *peer == self.peer && self.conn.is_none() =>
-            {
-                self.error = Some(format!("cannot connect to {peer}: {reason}"));
-            }
-            _ => {}
+        if let Some(conn) = self.dial.connected(&event) {
+            self.sender.start(now, transport, conn);
+            return;
         }
         self.sender.handle_event(now, transport, &event);
     }
 
     fn on_node_event(&mut self, _now: Instant, _core: &mut NodeCore, event: &NodeEvent) {
-        match event {
-            NodeEvent::PathChanged { peer, path } if *peer == self.peer => {
-                self.path = Some(*path);
-                self.bar.set_message(describe_path(path));
-            }
-            NodeEvent::Introduced { peer, .. } if *peer == self.peer => {
-                self.bar.set_message("via relay (punching)".to_string());
-            }
-            NodeEvent::ConnectFailed { peer, message, .. } if *peer == self.peer => {
-                self.error = Some(format!("cannot reach {peer}: {message}"));
-            }
-            NodeEvent::RelayError { code, message } => {
-                self.error = Some(format!("relay refused us: {code:?}: {message}"));
-            }
-            _ => {}
+        if let Some(path) = self.dial.on_node_event(event) {
+            self.bar.set_message(describe_path(&path));
         }
     }
 
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore, transport: &mut Transport) {
-        if self.path.is_none() {
-            self.path = core.path(now, &self.peer);
-        }
-        if self.conn.is_none() && now >= self.connect_deadline && self.error.is_none() {
-            self.error = Some(format!(
-                "no connection to {} (is it running `burrow listen`?)",
-                self.peer
-            ));
-        }
         self.sender.on_tick(now, transport);
         if self
             .last_draw
@@ -116,27 +72,22 @@ impl Service for SendService {
                 self.bar.set_prefix(f.name.clone());
             }
         }
-        if self.linger_until.is_none() && (self.sender.is_done() || self.error.is_some()) {
-            self.linger_until = Some(now + LINGER);
-            if let Some(conn) = self.conn {
-                let _ = transport.close(now, conn, 0, b"done");
-            }
-        }
+        let finished = self.sender.is_done();
+        self.dial.tick(now, core, transport, finished);
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = vec![self.sender.poll_timeout(), self.linger_until];
-        if self.conn.is_none() {
-            t.push(Some(self.connect_deadline));
-        }
-        if !self.bar.is_hidden() {
-            t.push(self.last_draw.map(|d| d + Duration::from_millis(100)));
-        }
-        t.into_iter().flatten().min()
+        let draw = (!self.bar.is_hidden())
+            .then(|| self.last_draw.map(|d| d + Duration::from_millis(100)))
+            .flatten();
+        [self.sender.poll_timeout(), self.dial.poll_timeout(), draw]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn is_done(&self) -> bool {
-        self.linger_until.is_some_and(|t| Instant::now() >= t)
+        self.dial.is_done()
     }
 }
 
@@ -212,15 +163,14 @@ pub fn run(args: SendArgs) -> Result<ExitCode, String> {
         skipped,
     );
     let service = SendService {
-        peer,
+        dial: Dial::new(
+            peer,
+            Duration::from_secs(args.connect_timeout),
+            "burrow listen --out DIR",
+        ),
         sender,
-        conn: None,
-        path: None,
-        error: None,
         bar,
         last_draw: None,
-        linger_until: None,
-        connect_deadline: Instant::now() + Duration::from_secs(args.connect_timeout),
     };
     let mut plane = DataPlane::new(transport, service);
     plane.connect(Instant::now(), driver.core(), peer);
@@ -229,11 +179,11 @@ pub fn run(args: SendArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("network error: {e}"))?;
     let service = plane.service_mut();
     service.bar.finish_and_clear();
-    if let Some(e) = service.error.take() {
+    if let Some(e) = service.dial.error.take() {
         return Err(e);
     }
     let summary = service.sender.summary();
-    print_summary(&summary, service.path, args.json);
+    print_summary(&summary, service.dial.path, args.json);
     if summary.is_success() {
         Ok(ExitCode::SUCCESS)
     } else {

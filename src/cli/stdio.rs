@@ -170,3 +170,40 @@ impl StdoutWriter {
         }
     }
 }
+
+/// Moves stdin into the pipe and the pipe's output to stdout as far as each side takes.
+/// `stdin` becomes `None` once its end was passed on.
+pub fn pump_pipe(
+    pipe: &mut burrow::app::Pipe,
+    transport: &mut burrow::transport::Transport,
+    stdin: &mut Option<StdinReader>,
+    stdout: &mut StdoutWriter,
+) {
+    if let Some(input) = stdin.as_mut() {
+        loop {
+            match input.next() {
+                Input::Data(d) => {
+                    let n = pipe.push_input(transport, d);
+                    if n == 0 {
+                        break;
+                    }
+                    input.consumed(n);
+                }
+                Input::Eof => {
+                    pipe.input_eof(transport);
+                    *stdin = None;
+                    break;
+                }
+                Input::Empty => break,
+            }
+        }
+    }
+    while stdout.ready() {
+        let Some(chunk) = pipe.poll_output() else {
+            break;
+        };
+        if !stdout.offer(chunk) {
+            break;
+        }
+    }
+}

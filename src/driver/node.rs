@@ -101,16 +101,17 @@ impl std::fmt::Debug for NodeDriver {
 }
 
 /// Unspecified bind addresses are useless as host candidates: list the machine's
-/// addresses instead (loopback included, so that two nodes on one host find each other).
-fn host_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
+/// addresses instead. Loopback addresses only mean something to a peer on this machine, so
+/// they are offered only when the relay itself is on loopback (a local setup).
+fn host_candidates(bound: SocketAddr, relay: SocketAddr) -> Vec<SocketAddr> {
     if !bound.ip().is_unspecified() {
         return vec![bound];
     }
-    let mut out = Vec::new();
-    for ip in interface_addresses(bound.is_ipv4()) {
-        out.push(SocketAddr::new(ip, bound.port()));
-    }
-    out
+    interface_addresses(bound.is_ipv4())
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() || relay.ip().is_loopback())
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect()
 }
 
 /// The machine's interface addresses of one family, via getifaddrs(3).
@@ -170,9 +171,11 @@ impl NodeDriver {
         }
         let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
         if config.local_addrs.is_empty() {
-            config.local_addrs = host_candidates(udp4.local_addr());
+            config.local_addrs = host_candidates(udp4.local_addr(), config.relay_udp);
             if let Some(s) = &udp6 {
-                config.local_addrs.extend(host_candidates(s.local_addr()));
+                config
+                    .local_addrs
+                    .extend(host_candidates(s.local_addr(), config.relay_udp));
             }
         }
         if config.seed == 0 {
@@ -234,8 +237,14 @@ impl NodeDriver {
             if self.core.poll_timeout().is_some_and(|t| t <= now) {
                 self.core.handle_timeout(now);
             }
-            app.on_tick(now, &mut self.core);
-            self.drain(now, app)?;
+            // An event handled during the drain may change what the app wants to do now
+            // (e.g. a path change starts the next phase): tick again until it is quiet.
+            for _ in 0..8 {
+                app.on_tick(now, &mut self.core);
+                if !self.drain(now, app)? {
+                    break;
+                }
+            }
             if app.is_done()
                 || deadline.is_some_and(|d| d <= now)
                 || self
@@ -441,7 +450,10 @@ impl NodeDriver {
         }
     }
 
-    fn drain(&mut self, now: Instant, app: &mut dyn NodeApp) -> io::Result<()> {
+    /// Sends what the core queued and hands its events to the app, until both are empty.
+    /// Returns whether any event reached the app.
+    fn drain(&mut self, now: Instant, app: &mut dyn NodeApp) -> io::Result<bool> {
+        let mut delivered = false;
         for _ in 0..1_000_000 {
             let mut progressed = false;
             if let Some(t) = self.blocked.take()
@@ -467,6 +479,7 @@ impl NodeDriver {
                     NodeEvent::CloseRelayTcp => self.close_relay(now, false),
                     other => {
                         app_events = true;
+                        delivered = true;
                         app.on_event(now, &mut self.core, other);
                     }
                 }
@@ -476,11 +489,11 @@ impl NodeDriver {
                 app.flush(now, &mut self.core);
             }
             if !progressed {
-                return Ok(());
+                return Ok(delivered);
             }
         }
         warn!("drain did not settle");
-        Ok(())
+        Ok(delivered)
     }
 
     fn flush_relay(&mut self, now: Instant) {

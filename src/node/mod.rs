@@ -248,6 +248,10 @@ const TIMER_COUNT: usize = 2;
 const REGISTER_WAIT: Duration = Duration::from_secs(1);
 /// How often the STUN round repeats to notice a changed mapping.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(120);
+/// Relayed packets kept while their channel's introduction is on its way.
+const EARLY_RELAYED_MAX: usize = 32;
+/// How long such a packet is kept.
+const EARLY_RELAYED_TTL: Duration = Duration::from_secs(2);
 /// Most app pings awaiting a pong.
 const MAX_APP_PINGS: usize = 1024;
 
@@ -288,6 +292,14 @@ pub struct NodeCore {
     netcheck_wanted: bool,
     advertised: Option<(Vec<Candidate>, NatReport)>,
     pending_challenge: Option<[u8; 32]>,
+    /// Counts registrations, to tell a relay restart from a peer restart (see
+    /// `on_introduce`).
+    relay_epoch: u64,
+    /// Whether confirmed direct paths carry traffic (see [`NodeCore::set_direct_allowed`]).
+    direct_allowed: bool,
+    /// Relayed packets that arrived on a channel before its introduction (UDP can overtake
+    /// the relay's TCP message): replayed when the introduction arrives. Bounded.
+    early_relayed: VecDeque<(Instant, ChannelId, Vec<u8>)>,
 }
 
 impl NodeCore {
@@ -315,7 +327,10 @@ impl NodeCore {
             nat: NatReport::default(),
             netcheck_wanted: false,
             advertised: None,
+            direct_allowed: true,
+            early_relayed: VecDeque::new(),
             pending_challenge: None,
+            relay_epoch: 0,
         }
     }
 
@@ -346,6 +361,31 @@ impl NodeCore {
         self.nat
     }
 
+    /// Lets confirmed direct paths carry traffic (the default) or holds them back so that
+    /// everything stays on the relay while punching and keepalives go on underneath. Used to
+    /// measure the relay path (`burrow demo`, benchmarks) and by operators who want relayed
+    /// traffic only. Emits [`NodeEvent::PathChanged`] for every peer whose path changes.
+    pub fn set_direct_allowed(&mut self, now: Instant, allowed: bool) {
+        if self.direct_allowed == allowed {
+            return;
+        }
+        let before: Vec<_> = self
+            .peers
+            .handles()
+            .into_iter()
+            .map(|h| (h, self.path_of(now, h)))
+            .collect();
+        self.direct_allowed = allowed;
+        for (h, old) in before {
+            let new = self.path_of(now, h);
+            if new != old
+                && let (Some(path), Some(peer)) = (new, self.peers.get(h).map(|p| p.id))
+            {
+                self.events.push_back(NodeEvent::PathChanged { peer, path });
+            }
+        }
+    }
+
     /// The current path to a peer, `None` when there is none.
     pub fn path(&self, now: Instant, peer: &PeerId) -> Option<PathKind> {
         let h = self.peers.by_id(peer)?;
@@ -360,7 +400,11 @@ impl NodeCore {
     fn path_of(&self, now: Instant, h: PeerHandle) -> Option<PathKind> {
         let p = self.peers.get(h)?;
         path::choose(path::PathInputs {
-            direct: p.punch.direct().map(|d| d.remote),
+            direct: p
+                .punch
+                .direct()
+                .map(|d| d.remote)
+                .filter(|_| self.direct_allowed),
             has_channel: p.intro.is_some() && p.channel_live,
             relay_registered: self.session.is_registered(),
             relay_udp: self.session.udp_works(now),
@@ -883,6 +927,7 @@ impl NodeCore {
                     self.apply_session(Vec::new(), udp);
                     self.events
                         .push_back(NodeEvent::Registered { observed_tcp });
+                    self.relay_epoch += 1;
                     self.maybe_update_candidates(now);
                     // Re-request introductions for peers we want (after a relay restart).
                     for h in self.peers.handles() {
@@ -974,14 +1019,21 @@ impl NodeCore {
         let peer = intro.peer;
         let fam = self.families();
         let h = self.peers.get_or_insert(peer, || new_peer(peer));
-        // A fresh nonce is a new session of the peer (it restarted or reconnected): its old
-        // direct path is stale, and keeping it would send everything into a dead socket
-        // until the path timeout. Forget it and punch again.
+        // A fresh nonce within the same relay session is a new session of the peer (it
+        // restarted or reconnected): its old direct path is stale, and keeping it would send
+        // everything into a dead socket until the path timeout. Forget it and punch again.
+        // A re-introduction after *our* relay session was re-established (relay restart) is
+        // not: the direct path kept working through the outage and stays.
+        let epoch = self.relay_epoch;
         let old_direct = self
             .peers
             .get(h)
+            .filter(|p| p.intro_epoch == epoch)
             .filter(|p| p.intro.is_some_and(|k| k.nonce != intro.punch_nonce))
             .and_then(|p| p.punch.direct().map(|d| d.remote));
+        if let Some(p) = self.peers.get_mut(h) {
+            p.intro_epoch = epoch;
+        }
         if old_direct.is_some()
             && let Some(p) = self.peers.get_mut(h)
         {
@@ -1016,13 +1068,31 @@ impl NodeCore {
                 self.events.push_back(NodeEvent::PathChanged { peer, path });
             }
         }
+        // Packets that overtook this introduction.
+        let (early, later): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.early_relayed)
+            .into_iter()
+            .filter(|(t, _, _)| now.saturating_duration_since(*t) < EARLY_RELAYED_TTL)
+            .partition(|(_, ch, _)| *ch == intro.channel);
+        self.early_relayed = later;
+        for (_, ch, bytes) in early {
+            self.on_relayed(now, ch, &bytes);
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }
 
     fn on_relayed(&mut self, now: Instant, ch: ChannelId, payload: &[u8]) {
         let Some(h) = self.peers.by_channel(ch) else {
-            trace!(?ch, "relayed data on an unknown channel");
+            // The relay sends the introduction over TCP and the peer's first packet over
+            // UDP at once; the packet may win. Keep a few for a moment instead of dropping
+            // the peer's first ping or QUIC Initial.
+            self.early_relayed
+                .retain(|(t, _, _)| now.saturating_duration_since(*t) < EARLY_RELAYED_TTL);
+            if self.early_relayed.len() < EARLY_RELAYED_MAX {
+                self.early_relayed.push_back((now, ch, payload.to_vec()));
+            } else {
+                trace!(?ch, "relayed data on an unknown channel");
+            }
             return;
         };
         match classify(payload) {
@@ -1164,6 +1234,7 @@ impl NodeCore {
             return;
         };
         let path = match u {
+            PathUpdate::Direct(_) if !self.direct_allowed => None,
             PathUpdate::Direct(a) => Some(PathKind::Direct(a)),
             PathUpdate::Lost => self.path_of(now, h),
             PathUpdate::RetryDue => {
@@ -1209,5 +1280,6 @@ fn new_peer(id: PeerId) -> Peer {
         channel_live: false,
         punch: PunchState::default(),
         validated: Vec::new(),
+        intro_epoch: 0,
     }
 }

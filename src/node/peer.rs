@@ -59,6 +59,8 @@ pub(crate) struct Peer {
     /// QUIC datagrams are accepted from these too, so the two sides may pick different
     /// direct paths (say, LAN one way, public the other) without losing data.
     pub validated: Vec<SocketAddr>,
+    /// The node's relay epoch (registration count) when `intro` arrived.
+    pub intro_epoch: u64,
 }
 
 /// Most validated addresses remembered per peer.
@@ -238,6 +240,7 @@ mod tests {
             channel_live: false,
             punch: PunchState::default(),
             validated: Vec::new(),
+            intro_epoch: 0,
         }
     }
 

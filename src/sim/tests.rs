@@ -263,6 +263,25 @@ fn relay_restart_nodes_reregister_and_relaying_resumes() {
         got(&sim, b, 3) && got(&sim, a, 4),
         "seed {seed}: relaying did not resume"
     );
+    // The direct pair was re-introduced too, and kept its direct path throughout.
+    assert!(
+        sim.hosts[d]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, NodeEvent::Introduced { .. }))
+            .count()
+            == 2,
+        "seed {seed}: direct pair not re-introduced"
+    );
+    for h in [c, d] {
+        assert!(
+            !sim.has_event(
+                h,
+                |e| matches!(e, NodeEvent::PathChanged { path, .. } if path.remote().is_none())
+            ),
+            "seed {seed}: host {h} left its direct path because of the relay restart"
+        );
+    }
 }
 
 #[test]

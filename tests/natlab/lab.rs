@@ -95,6 +95,9 @@ pub struct SiteSpec {
     pub hosts: usize,
     /// Percentage of forwarded UDP the router drops at random.
     pub loss: u8,
+    /// Forwarded UDP above this many MB/s is dropped (0: no limit). Slows a transfer
+    /// down enough to act in the middle of it.
+    pub udp_rate_mbytes: u32,
 }
 
 impl SiteSpec {
@@ -104,6 +107,7 @@ impl SiteSpec {
             kind,
             hosts: 1,
             loss: 0,
+            udp_rate_mbytes: 0,
         }
     }
 }
@@ -332,7 +336,7 @@ impl Lab {
                         "198.18.0.254",
                     ]);
                     lab.lan_bridge(&cgnat, &format!("100.64.{}.1/24", i + 1));
-                    lab.router_rules(&cgnat, Kind::Eim, 0);
+                    lab.router_rules(&cgnat, Kind::Eim, 0, 0);
                     let home = lab.add_ns(&format!("r{i}"));
                     let home_wan = format!("100.64.{}.2/24", i + 1);
                     lab.plug(&cgnat, "lan", "home", &home, "wan", &[&home_wan]);
@@ -356,7 +360,7 @@ impl Lab {
                     (router, spec.kind)
                 };
                 lab.lan_bridge(&home, &format!("10.{}.0.1/24", i + 1));
-                lab.router_rules(&home, home_kind, spec.loss);
+                lab.router_rules(&home, home_kind, spec.loss, spec.udp_rate_mbytes);
                 for h in 0..spec.hosts.max(1) {
                     let host = lab.add_ns(&format!("s{i}h{h}"));
                     let ip = format!("10.{}.0.{}/24", i + 1, 10 + h);
@@ -413,7 +417,7 @@ impl Lab {
     }
 
     /// Forwarding and the nftables ruleset of one router (tables inside its namespace).
-    fn router_rules(&self, router: &str, kind: Kind, loss: u8) {
+    fn router_rules(&self, router: &str, kind: Kind, loss: u8, rate_mbytes: u32) {
         must(&[
             "ip",
             "netns",
@@ -434,6 +438,11 @@ impl Lab {
         if loss > 0 {
             forward.push_str(&format!(
                 "    meta l4proto udp numgen random mod 100 < {loss} drop\n"
+            ));
+        }
+        if rate_mbytes > 0 {
+            forward.push_str(&format!(
+                "    meta l4proto udp limit rate over {rate_mbytes} mbytes/second drop\n"
             ));
         }
         let mut input = String::new();
@@ -496,22 +505,24 @@ impl Lab {
 
     /// Starts `burrow listen` in `ns`; waits for its peer ID and its registration.
     pub fn listen(&self, ns: &str, name: &str) -> Listener {
+        self.listen_with(ns, name, &[])
+    }
+
+    /// `burrow listen` with extra options (e.g. `--out DIR`).
+    pub fn listen_with(&self, ns: &str, name: &str, extra: &[&str]) -> Listener {
         let key = self.key(name);
-        let proc = NsProc::spawn(
-            ns,
-            &bin("burrow"),
-            &[
-                "listen",
-                "--relay",
-                RELAY,
-                "--identity",
-                key.to_str().unwrap(),
-                "--bind",
-                "0.0.0.0:0",
-                "--no-ipv6",
-            ],
+        let mut args = vec![
             "listen",
-        );
+            "--relay",
+            RELAY,
+            "--identity",
+            key.to_str().unwrap(),
+            "--bind",
+            "0.0.0.0:0",
+            "--no-ipv6",
+        ];
+        args.extend_from_slice(extra);
+        let proc = NsProc::spawn(ns, &bin("burrow"), &args, "listen");
         let peer = proc.next_stdout(WAIT).expect("listen printed its peer ID");
         proc.wait_stderr("registered", WAIT);
         Listener { proc, peer }
@@ -558,6 +569,60 @@ impl Lab {
             pongs,
             stderr: proc.stderr_text(),
         }
+    }
+
+    /// Starts `burrow send PEER FILE --json` in `ns` (see [`Send::finish`]).
+    pub fn start_send(&self, ns: &str, name: &str, peer: &str, file: &Path) -> NsProc {
+        let key = self.key(name);
+        NsProc::spawn(
+            ns,
+            &bin("burrow"),
+            &[
+                "send",
+                peer,
+                file.to_str().unwrap(),
+                "--relay",
+                RELAY,
+                "--identity",
+                key.to_str().unwrap(),
+                "--bind",
+                "0.0.0.0:0",
+                "--no-ipv6",
+                "--json",
+                "--connect-timeout",
+                "30",
+            ],
+            "send",
+        )
+    }
+
+    /// Runs `burrow send PEER FILE --json` in `ns` to completion (killed after `wait`).
+    pub fn send(&self, ns: &str, name: &str, peer: &str, file: &Path, wait: Duration) -> Send {
+        Send::finish(self.start_send(ns, name, peer, file), wait)
+    }
+
+    /// Writes `len` pseudo-random bytes (seeded) to a new file in the lab's directory.
+    pub fn random_file(&self, name: &str, len: usize, seed: u64) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        let mut x = seed | 1;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut left = len;
+        while left > 0 {
+            for chunk in buf.chunks_mut(8) {
+                // xorshift64: reproducible content, no RNG dependency.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x.to_le_bytes();
+                chunk.copy_from_slice(&b[..chunk.len()]);
+            }
+            let n = left.min(buf.len());
+            f.write_all(&buf[..n]).unwrap();
+            left -= n;
+        }
+        f.flush().unwrap();
+        path
     }
 
     /// Runs `burrow netcheck --json` in `ns`; returns its JSON report (or the stderr).
@@ -668,7 +733,7 @@ pub struct NsProc {
 }
 
 fn collect(
-    stream: impl std::io::Read + Send + 'static,
+    stream: impl std::io::Read + std::marker::Send + 'static,
     tag: String,
     store: Lines,
 ) -> mpsc::Receiver<String> {
@@ -772,6 +837,11 @@ impl NsProc {
         }
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process now.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -781,6 +851,11 @@ impl NsProc {
     /// Every stdout line so far with its arrival time.
     pub fn stdout_lines(&self) -> Vec<(Instant, String)> {
         self.stdout.lock().unwrap().clone()
+    }
+
+    /// Every stderr line so far with its arrival time.
+    pub fn stderr_lines(&self) -> Vec<(Instant, String)> {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// The whole stderr so far.
@@ -844,6 +919,53 @@ impl Ping {
     pub fn first_direct(&self) -> Option<&Pong> {
         self.pongs.iter().find(|p| p.path == "direct")
     }
+}
+
+/// The outcome of one `burrow send`.
+#[derive(Debug)]
+pub struct Send {
+    /// Exit status was success.
+    pub success: bool,
+    /// The JSON summary (`ok`, `bytes`, `seconds`, `mb_per_s`, `path`, `remote`, ...).
+    pub summary: Option<serde_json::Value>,
+    /// The sender's stderr.
+    pub stderr: String,
+}
+
+impl Send {
+    /// Waits for a started send (killed after `wait`) and reads its summary.
+    pub fn finish(mut proc: NsProc, wait: Duration) -> Send {
+        let status = proc.wait_exit(wait);
+        let summary = proc
+            .stdout_lines()
+            .into_iter()
+            .map(|(_, l)| l)
+            .find(|l| l.starts_with('{'))
+            .and_then(|l| serde_json::from_str(&l).ok());
+        Send {
+            success: status == Some(true),
+            summary,
+            stderr: proc.stderr_text(),
+        }
+    }
+
+    /// The path the transfer ended on.
+    pub fn path(&self) -> &str {
+        self.summary
+            .as_ref()
+            .and_then(|v| v["path"].as_str())
+            .unwrap_or("none")
+    }
+}
+
+/// Whether two files have the same bytes (BLAKE3 of each, streamed).
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    fn hash(p: &Path) -> Option<blake3::Hash> {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(p).ok()?).ok()?;
+        Some(h.finalize())
+    }
+    matches!((hash(a), hash(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The relay address as a SocketAddr.
