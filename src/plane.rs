@@ -55,6 +55,8 @@ pub struct DataPlane<S: Service> {
     dial: HashSet<PeerId>,
     conns: HashMap<PeerId, ConnectionHandle>,
     stats: PlaneStats,
+    /// Datagrams went into the transport since the last pump (see [`NodeApp::flush`]).
+    pump_pending: bool,
 }
 
 impl<S: Service> DataPlane<S> {
@@ -66,6 +68,7 @@ impl<S: Service> DataPlane<S> {
             dial: HashSet::new(),
             conns: HashMap::new(),
             stats: PlaneStats::default(),
+            pump_pending: false,
         }
     }
 
@@ -102,15 +105,16 @@ impl<S: Service> DataPlane<S> {
             let mut progressed = false;
             while let Some(t) = self.transport.poll_transmit(now) {
                 progressed = true;
-                for datagram in t.datagrams() {
-                    match core.send_datagram(now, &t.peer, datagram) {
-                        Ok(_) => self.stats.datagrams_out += 1,
-                        Err(SendError::NoPath) | Err(SendError::UnknownPeer) => {
-                            // Like a lost packet: QUIC retransmits once a path exists.
-                            self.stats.datagrams_unsent += 1;
-                        }
-                        Err(e) => debug!(peer = %t.peer.short(), "datagram not sent: {e}"),
+                // The whole batch goes to the core at once: on a direct path it leaves as one
+                // GSO send without being copied.
+                let count = t.datagrams().len() as u64;
+                match core.send_segments(now, &t.peer, t.contents, t.segment_size) {
+                    Ok(_) => self.stats.datagrams_out += count,
+                    Err(SendError::NoPath) | Err(SendError::UnknownPeer) => {
+                        // Like lost packets: QUIC retransmits once a path exists.
+                        self.stats.datagrams_unsent += count;
                     }
+                    Err(e) => debug!(peer = %t.peer.short(), "datagrams not sent: {e}"),
                 }
             }
             while let Some(ev) = self.transport.poll_event() {
@@ -142,7 +146,15 @@ impl<S: Service> NodeApp for DataPlane<S> {
         match event {
             NodeEvent::Datagram { peer, bytes } => {
                 self.stats.datagrams_in += 1;
-                self.transport.handle_datagram(now, peer, &bytes);
+                self.transport
+                    // Vec -> Bytes -> BytesMut reuses the allocation (the buffer is unique).
+                    .handle_datagram_owned(now, peer, bytes::Bytes::from(bytes).into());
+                // Pumped in `flush` once the driver has handed over the whole received
+                // batch: ACK processing then opens the congestion window once for many
+                // datagrams and the sender emits full GSO batches instead of one or two
+                // datagrams per ACK (and the receiver sends one ACK for the batch).
+                self.pump_pending = true;
+                return;
             }
             other => {
                 if let NodeEvent::Introduced {
@@ -166,11 +178,18 @@ impl<S: Service> NodeApp for DataPlane<S> {
     }
 
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore) {
+        self.pump_pending = false;
         if self.transport.poll_timeout().is_some_and(|t| t <= now) {
             self.transport.handle_timeout(now);
         }
         self.service.on_tick(now, core, &mut self.transport);
         self.pump(now, core);
+    }
+
+    fn flush(&mut self, now: Instant, core: &mut NodeCore) {
+        if std::mem::take(&mut self.pump_pending) {
+            self.pump(now, core);
+        }
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {

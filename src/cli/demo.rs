@@ -40,9 +40,11 @@ const DIRECT_WAIT: Duration = Duration::from_secs(10);
 /// Whole demo hang guard.
 const DEMO_LIMIT: Duration = Duration::from_secs(120);
 
-fn transport(identity: &Identity) -> Result<Transport, String> {
+fn transport(identity: &Identity, max_segments: usize) -> Result<Transport, String> {
     let mut config = TransportConfig::default();
     rand::fill(&mut config.rng_seed);
+    // GSO batches where the socket supports them.
+    config.max_segments = max_segments;
     Transport::new(identity, config).map_err(|e| format!("QUIC/TLS setup: {e}"))
 }
 
@@ -415,7 +417,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
 
     // Node A on its own thread.
     let mut a = node(id_a.clone(), relay)?;
-    let a_transport = transport(&id_a)?;
+    let a_transport = transport(&id_a, a.max_gso_segments())?;
     let a_direct = Arc::new(AtomicBool::new(false));
     let (a_stop, a_waker) = a.stop_handle();
     let a_registered = Arc::new(AtomicBool::new(false));
@@ -462,7 +464,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
         linger_until: None,
         config: (args.relay_seconds.max(1), args.direct_seconds.max(1)),
     };
-    let mut plane = DataPlane::new(transport(&id_b)?, client);
+    let mut plane = DataPlane::new(transport(&id_b, b.max_gso_segments())?, client);
     plane.connect(now, b.core(), peer_a);
     let result = b.run(&mut plane, Some(now + DEMO_LIMIT + Duration::from_secs(5)));
 

@@ -104,11 +104,14 @@ impl NodeArgs {
     /// The node driver plus a QUIC transport speaking as the same identity.
     fn build_with_transport(&self) -> Result<(NodeDriver, Transport), String> {
         let identity = self.identity.load()?;
+        let driver = self.build()?;
         let mut config = TransportConfig::default();
         rand::fill(&mut config.rng_seed);
+        // GSO batches where the socket supports them (one send per batch on a direct path).
+        config.max_segments = driver.max_gso_segments();
         let transport = Transport::new(&identity, config)
             .map_err(|e| format!("cannot set up QUIC/TLS: {e}"))?;
-        Ok((self.build()?, transport))
+        Ok((driver, transport))
     }
 
     fn build(&self) -> Result<NodeDriver, String> {

@@ -23,6 +23,10 @@ pub trait NodeApp {
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore);
     /// When the app next wants `on_tick`.
     fn poll_timeout(&mut self) -> Option<Instant>;
+    /// Called after a run of [`NodeApp::on_event`] calls, once the core's event queue is
+    /// empty: an app may defer per-event work (e.g. polling its transport for transmits)
+    /// to here so that a received batch is answered as a batch. Default: nothing.
+    fn flush(&mut self, _now: Instant, _core: &mut NodeCore) {}
     /// Whether the app has finished (the driver then returns).
     fn is_done(&self) -> bool;
 }
@@ -37,6 +41,12 @@ const RELAY_BASE: usize = 16;
 /// Most datagrams read from one socket per loop turn, so the relay connection and timers
 /// are served even under a flood.
 const READ_BUDGET: usize = 256;
+
+/// Cap on datagrams per GSO send. Larger batches save syscalls and per-batch work but make
+/// bursts longer (quinn-proto still paces them; upstream quinn allows the kernel's 64). 32
+/// keeps a batch of 1444-byte QUIC datagrams plus 8-byte relay headers (46 KB) well under
+/// the 64 KiB GSO limit. Measured on loopback: 10 -> 32 cut CPU per GB by ~5 %.
+pub const MAX_SEGMENTS: usize = 32;
 
 /// How the driver binds its sockets.
 #[derive(Debug, Clone)]
@@ -190,6 +200,13 @@ impl NodeDriver {
     /// The core, for calls before [`NodeDriver::run`] (e.g. `connect`).
     pub fn core(&mut self) -> &mut NodeCore {
         &mut self.core
+    }
+
+    /// Most datagrams one GSO send may carry on the IPv4 socket (1 without GSO): what to set
+    /// as [`crate::transport::TransportConfig::max_segments`] (capped, see
+    /// [`MAX_SEGMENTS`]).
+    pub fn max_gso_segments(&self) -> usize {
+        self.udp4.max_gso_segments().min(MAX_SEGMENTS)
     }
 
     /// The IPv4 UDP socket's address.
@@ -411,7 +428,17 @@ impl NodeDriver {
             trace!(dest = %t.destination, "no socket for this address family");
             return Ok(true);
         };
-        match socket.send(t.destination, &t.contents, None) {
+        let result = match t.segment_size {
+            Some(size) if socket.max_gso_segments() <= 1 => {
+                // No GSO on this socket: one send per segment. A full buffer midway retries
+                // the whole batch later; QUIC discards the duplicated packets.
+                t.contents
+                    .chunks(size.max(1))
+                    .try_for_each(|d| socket.send(t.destination, d, None))
+            }
+            segment_size => socket.send(t.destination, &t.contents, segment_size),
+        };
+        match result {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => {
@@ -444,16 +471,22 @@ impl NodeDriver {
                 }
             }
             self.flush_relay(now);
+            let mut app_events = false;
             while let Some(ev) = self.core.poll_event() {
                 progressed = true;
                 match ev {
                     NodeEvent::ConnectRelayTcp(addr) => self.open_relay(now, addr),
                     NodeEvent::CloseRelayTcp => self.close_relay(now, false),
                     other => {
+                        app_events = true;
                         delivered = true;
-                        app.on_event(now, &mut self.core, other)
+                        app.on_event(now, &mut self.core, other);
                     }
                 }
+            }
+            if app_events {
+                // Whatever the app queued goes out on the next round of this loop.
+                app.flush(now, &mut self.core);
             }
             if !progressed {
                 return Ok(delivered);

@@ -74,8 +74,20 @@ pub struct Transmit {
     pub source: Option<SocketAddr>,
     /// Where to.
     pub destination: SocketAddr,
+    /// `Some(n)`: `contents` holds several datagrams of `n` bytes each (the last may be
+    /// shorter) for one GSO send; a driver without GSO sends them one by one. `None`: one
+    /// datagram. Only [`NodeCore::send_segments`] produces `Some` (direct and relay-UDP paths).
+    pub segment_size: Option<usize>,
     /// The bytes.
     pub contents: Vec<u8>,
+}
+
+impl Transmit {
+    /// The individual datagrams of this transmit.
+    pub fn datagrams(&self) -> std::slice::Chunks<'_, u8> {
+        let size = self.segment_size.unwrap_or(self.contents.len()).max(1);
+        self.contents.chunks(size)
+    }
 }
 
 /// Node configuration.
@@ -99,6 +111,10 @@ pub struct NodeConfig {
     pub punch: PunchConfig,
     /// Sent to the relay for its logs.
     pub agent: String,
+    /// Benchmark/test knob: never punch (no candidates are probed), so data to peers stays
+    /// on the relay (UDP, or TCP when UDP to the relay does not work — point `relay_udp` at
+    /// a dead port to force that). `false` in normal use.
+    pub relay_only: bool,
 }
 
 impl NodeConfig {
@@ -114,6 +130,7 @@ impl NodeConfig {
             seed: 0,
             punch: PunchConfig::default(),
             agent: concat!("burrow ", env!("CARGO_PKG_VERSION")).to_string(),
+            relay_only: false,
         }
     }
 }
@@ -231,6 +248,10 @@ const TIMER_COUNT: usize = 2;
 const REGISTER_WAIT: Duration = Duration::from_secs(1);
 /// How often the STUN round repeats to notice a changed mapping.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(120);
+/// Relayed packets kept while their channel's introduction is on its way.
+const EARLY_RELAYED_MAX: usize = 32;
+/// How long such a packet is kept.
+const EARLY_RELAYED_TTL: Duration = Duration::from_secs(2);
 /// Most app pings awaiting a pong.
 const MAX_APP_PINGS: usize = 1024;
 
@@ -276,6 +297,9 @@ pub struct NodeCore {
     relay_epoch: u64,
     /// Whether confirmed direct paths carry traffic (see [`NodeCore::set_direct_allowed`]).
     direct_allowed: bool,
+    /// Relayed packets that arrived on a channel before its introduction (UDP can overtake
+    /// the relay's TCP message): replayed when the introduction arrives. Bounded.
+    early_relayed: VecDeque<(Instant, ChannelId, Vec<u8>)>,
 }
 
 impl NodeCore {
@@ -304,6 +328,7 @@ impl NodeCore {
             netcheck_wanted: false,
             advertised: None,
             direct_allowed: true,
+            early_relayed: VecDeque::new(),
             pending_challenge: None,
             relay_epoch: 0,
         }
@@ -452,6 +477,7 @@ impl NodeCore {
                 source: None,
                 destination,
                 contents,
+                segment_size: None,
             });
         }
         self.check_discovery(now);
@@ -624,6 +650,75 @@ impl NodeCore {
         self.send_on_path(now, h, bytes)
     }
 
+    /// Sends a batch of datagrams to `peer`: `contents` holds datagrams of `segment_size`
+    /// bytes each (the last may be shorter; `None`: one datagram), as a QUIC stack with
+    /// segmentation offload emits them. On a direct path the buffer is moved, uncopied, into
+    /// one [`Transmit`] for a GSO send; on the UDP relay path every datagram gets its 8-byte
+    /// relay header and the equal-size results go out as one GSO send too; the TCP relay path
+    /// frames each datagram on its own. Returns the path, or the error of the first datagram
+    /// that could not be sent (the rest of the batch is dropped with it, like lost packets).
+    pub fn send_segments(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        contents: Vec<u8>,
+        segment_size: Option<usize>,
+    ) -> Result<PathKind, SendError> {
+        let size = segment_size
+            .filter(|&s| s > 0 && s < contents.len())
+            .unwrap_or(contents.len());
+        if contents.is_empty()
+            || contents
+                .chunks(size)
+                .any(|d| classify(d) != PacketClass::Quic)
+        {
+            return Err(SendError::NotQuic);
+        }
+        let h = self.peers.by_id(peer).ok_or(SendError::UnknownPeer)?;
+        match self.path_of(now, h) {
+            Some(PathKind::Direct(remote)) => {
+                let p = self.peers.get_mut(h).ok_or(SendError::UnknownPeer)?;
+                let source = p.punch.direct().and_then(|d| d.local);
+                p.punch.note_sent(now, &self.cfg.punch);
+                self.transmits.push_back(Transmit {
+                    source,
+                    destination: remote,
+                    segment_size: (size < contents.len()).then_some(size),
+                    contents,
+                });
+                return Ok(PathKind::Direct(remote));
+            }
+            Some(PathKind::RelayUdp) if size < contents.len() => {
+                // Each datagram still carries its own 8-byte relay header, so the
+                // header+datagram segments are equal-size too: one GSO send to the relay
+                // (the relay forwards them one by one, or as a batch if it receives with GRO).
+                let p = self.peers.get(h).ok_or(SendError::UnknownPeer)?;
+                let ch = p.intro.ok_or(SendError::NoPath)?.channel;
+                let count = contents.len().div_ceil(size);
+                let mut out = Vec::with_capacity(contents.len() + count * relay_data::HEADER_LEN);
+                for datagram in contents.chunks(size) {
+                    relay_data::encode(ch, datagram, &mut out);
+                }
+                self.transmits.push_back(Transmit {
+                    source: None,
+                    destination: self.session.udp_addr(),
+                    segment_size: Some(size + relay_data::HEADER_LEN),
+                    contents: out,
+                });
+                return Ok(PathKind::RelayUdp);
+            }
+            _ => {}
+        }
+        let mut path = Err(SendError::NoPath);
+        for datagram in contents.chunks(size) {
+            path = self.send_on_path(now, h, datagram);
+            if path.is_err() {
+                break;
+            }
+        }
+        path
+    }
+
     fn send_on_path(
         &mut self,
         now: Instant,
@@ -640,6 +735,7 @@ impl NodeCore {
                     source,
                     destination: remote,
                     contents: bytes.to_vec(),
+                    segment_size: None,
                 });
             }
             PathKind::RelayUdp => {
@@ -650,6 +746,7 @@ impl NodeCore {
                     source: None,
                     destination: self.session.udp_addr(),
                     contents,
+                    segment_size: None,
                 });
             }
             PathKind::RelayTcp => {
@@ -707,6 +804,7 @@ impl NodeCore {
                 source: None,
                 destination: self.session.udp_addr(),
                 contents,
+                segment_size: None,
             });
         }
         for a in actions {
@@ -952,7 +1050,12 @@ impl NodeCore {
             if intro.request_id.is_some() && p.pending_request == intro.request_id {
                 p.pending_request = None;
             }
-            p.punch.start(now, &intro.candidates, intro.nat, fam);
+            let candidates: &[_] = if self.cfg.relay_only {
+                &[]
+            } else {
+                &intro.candidates
+            };
+            p.punch.start(now, candidates, intro.nat, fam);
         }
         debug!(peer = %peer.short(), role = ?intro.role, candidates = ?intro.candidates, "introduced");
         self.events.push_back(NodeEvent::Introduced {
@@ -965,13 +1068,31 @@ impl NodeCore {
                 self.events.push_back(NodeEvent::PathChanged { peer, path });
             }
         }
+        // Packets that overtook this introduction.
+        let (early, later): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.early_relayed)
+            .into_iter()
+            .filter(|(t, _, _)| now.saturating_duration_since(*t) < EARLY_RELAYED_TTL)
+            .partition(|(_, ch, _)| *ch == intro.channel);
+        self.early_relayed = later;
+        for (_, ch, bytes) in early {
+            self.on_relayed(now, ch, &bytes);
+        }
         // Start probing right away (both sides get the introduction at the same moment).
         self.peer_timeout(now, h);
     }
 
     fn on_relayed(&mut self, now: Instant, ch: ChannelId, payload: &[u8]) {
         let Some(h) = self.peers.by_channel(ch) else {
-            trace!(?ch, "relayed data on an unknown channel");
+            // The relay sends the introduction over TCP and the peer's first packet over
+            // UDP at once; the packet may win. Keep a few for a moment instead of dropping
+            // the peer's first ping or QUIC Initial.
+            self.early_relayed
+                .retain(|(t, _, _)| now.saturating_duration_since(*t) < EARLY_RELAYED_TTL);
+            if self.early_relayed.len() < EARLY_RELAYED_MAX {
+                self.early_relayed.push_back((now, ch, payload.to_vec()));
+            } else {
+                trace!(?ch, "relayed data on an unknown channel");
+            }
             return;
         };
         match classify(payload) {
@@ -1057,6 +1178,7 @@ impl NodeCore {
                         source: local,
                         destination: from,
                         contents: reply,
+                        segment_size: None,
                     }),
                     Via::Relay => {
                         self.send_relayed(now, keys.channel, &reply);
@@ -1089,6 +1211,7 @@ impl NodeCore {
                 source: None,
                 destination: self.session.udp_addr(),
                 contents,
+                segment_size: None,
             });
         } else {
             self.session.send_data_tcp(ch, payload);

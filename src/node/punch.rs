@@ -200,6 +200,7 @@ fn send(
         out.push(Transmit {
             source,
             destination,
+            segment_size: None,
             contents: buf,
         });
     }

@@ -163,7 +163,10 @@ impl RelaySession {
         if self.out_sent == self.out.len() {
             self.out.clear();
             self.out_sent = 0;
-        } else if self.out_sent > 64 * 1024 {
+        } else if self.out_sent > 64 * 1024 && self.out_sent * 2 >= self.out.len() {
+            // Compact only once the sent part is at least half the buffer: each byte is
+            // then moved at most once on average (compacting after every partial write
+            // moved the whole unsent queue, up to MAX_TCP_OUTGOING, every time).
             self.out.drain(..self.out_sent);
             self.out_sent = 0;
         }
@@ -196,9 +199,19 @@ impl RelaySession {
         if !self.is_registered() {
             return false;
         }
-        let mut body = Vec::with_capacity(relay_data::HEADER_LEN + payload.len());
-        relay_data::encode(channel, payload, &mut body);
-        self.queue_frame(&body, true)
+        // Framed straight into the outgoing buffer (no intermediate body Vec); same checks
+        // as `queue_frame`.
+        let len = relay_data::HEADER_LEN + payload.len();
+        if len > frame::MAX_FRAME_BODY {
+            return false;
+        }
+        if self.outgoing().len() + len > MAX_TCP_OUTGOING {
+            trace!("relay TCP queue full: dropping relayed datagram");
+            return false;
+        }
+        self.out.extend_from_slice(&frame::length_prefix(len));
+        relay_data::encode(channel, payload, &mut self.out);
+        true
     }
 
     /// The next instant the session needs [`RelaySession::on_timeout`].

@@ -143,3 +143,37 @@ fn direct_paths_can_be_held_back_and_released() {
     );
     exchange(&mut sim, a, b);
 }
+
+#[test]
+fn relayed_packets_that_overtake_the_introduction_are_kept() {
+    // B's relay TCP stalls, so A's first relayed datagram reaches B before B's introduction.
+    let seed = 11;
+    let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
+    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
+    let a = sim.add_host(Some(na), ms(0), |_| {});
+    let b = sim.add_host(Some(nb), ms(0), |_| {});
+    assert!(sim.run_until(Duration::from_secs(10), |s| registered(s, a)
+        && registered(s, b)));
+    sim.run_for(Duration::from_secs(20));
+    sim.with_node(a, |n, now| n.set_direct_allowed(now, false));
+    sim.tcp_stall.insert(b, ms(300));
+    let bid = sim.hosts[b].peer_id();
+    sim.with_node(a, |n, now| n.connect(now, bid));
+    assert!(sim.run_until(Duration::from_secs(5), |s| path(s, a, b).is_some()));
+    assert_eq!(
+        path(&sim, b, a),
+        None,
+        "seed {seed}: B must not be introduced yet"
+    );
+    assert_eq!(path(&sim, a, b), Some(PathKind::RelayUdp), "seed {seed}");
+    let before = sim.hosts[b].received.len();
+    sim.with_node(a, |n, now| n.send_datagram(now, &bid, &quic(7)).unwrap());
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(
+        sim.hosts[b].received.len(),
+        before + 1,
+        "seed {seed}: first datagram lost"
+    );
+    assert_eq!(sim.hosts[b].received.last().unwrap().2, quic(7));
+}

@@ -530,7 +530,19 @@ impl Sim {
         let mut any = false;
         while let Some(t) = self.hosts[h].node.poll_transmit() {
             any = true;
-            self.host_send(h, t);
+            if t.segment_size.is_some() {
+                // A GSO batch leaves the host as separate datagrams.
+                for d in t.datagrams() {
+                    let one = Transmit {
+                        segment_size: None,
+                        contents: d.to_vec(),
+                        ..t.clone()
+                    };
+                    self.host_send(h, one);
+                }
+            } else {
+                self.host_send(h, t);
+            }
         }
         if let Some(conn) = self.hosts[h].tcp
             && self

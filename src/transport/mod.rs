@@ -557,8 +557,14 @@ impl Transport {
     /// A QUIC datagram from `from` (as attributed by the node: relay session or direct path).
     /// Anything that is not QUIC, or not valid for any connection, is dropped.
     pub fn handle_datagram(&mut self, now: Instant, from: PeerId, data: &[u8]) {
+        self.handle_datagram_owned(now, from, BytesMut::from(data));
+    }
+
+    /// [`Transport::handle_datagram`] for a buffer the caller gives away (a `Vec<u8>` converts
+    /// without a copy via `Bytes`): saves one allocation and copy per received datagram.
+    pub fn handle_datagram_owned(&mut self, now: Instant, from: PeerId, data: BytesMut) {
         self.last_now = Some(now);
-        if wire::classify(data) != PacketClass::Quic {
+        if wire::classify(&data) != PacketClass::Quic {
             tracing::trace!(peer = %from.short(), len = data.len(), "dropping non-QUIC datagram");
             return;
         }
@@ -571,12 +577,9 @@ impl Transport {
         }
     }
 
-    fn handle_quic(&mut self, now: Instant, from: PeerId, addr: SocketAddr, data: &[u8]) {
+    fn handle_quic(&mut self, now: Instant, from: PeerId, addr: SocketAddr, data: BytesMut) {
         let mut buf = Vec::new();
-        let Some(event) =
-            self.endpoint
-                .handle(now, addr, None, None, BytesMut::from(data), &mut buf)
-        else {
+        let Some(event) = self.endpoint.handle(now, addr, None, None, data, &mut buf) else {
             return;
         };
         match event {
