@@ -27,8 +27,10 @@ fn node(id: &Identity, relay: std::net::SocketAddr) -> NodeDriver {
 }
 
 fn transport(id: &Identity) -> Transport {
-    let mut config = TransportConfig::default();
-    config.rng_seed = [7; 32];
+    let config = TransportConfig {
+        rng_seed: [7; 32],
+        ..TransportConfig::default()
+    };
     Transport::new(id, config).unwrap()
 }
 
