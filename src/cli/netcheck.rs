@@ -18,8 +18,9 @@ pub struct NetcheckArgs {
     /// One JSON object instead of human-readable lines.
     #[arg(long)]
     json: bool,
-    /// Give up after this many seconds. A STUN transaction only counts as failed after
-    /// 39.5 s (RFC 8489 retransmissions), so telling "UDP blocked" needs more than that.
+    /// Give up after this many seconds. With the relay reachable over TCP, silence on UDP
+    /// is reported as "UDP blocked" after 5 s; without it, a STUN transaction only counts
+    /// as failed after 39.5 s (RFC 8489 retransmissions).
     #[arg(long, default_value_t = 45)]
     timeout: u64,
 }

@@ -28,6 +28,9 @@ const RTO: Duration = Duration::from_millis(500);
 const MAX_REQUESTS: u32 = 7;
 /// Rm in RFC 8489.
 const LAST_WAIT_FACTOR: u32 = 16;
+/// Silence from every STUN server for this long, while the relay answers over TCP, means
+/// UDP is blocked. Four requests have gone out by then (0, 0.5, 1.5, 3.5 s).
+const SILENT_VERDICT: Duration = Duration::from_secs(5);
 
 /// Which server a result is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,13 +132,45 @@ impl Discovery {
         self.running
     }
 
-    /// Next retransmission or give-up instant.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.txs
+    /// Next retransmission or give-up instant; with `relay_reachable` (registered over
+    /// TCP) also the early "UDP is blocked" verdict, see [`Discovery::give_up_if_silent`].
+    pub fn poll_timeout(&self, relay_reachable: bool) -> Option<Instant> {
+        let retransmit = self
+            .txs
             .iter()
             .filter(|t| t.result.is_none())
             .map(|t| t.next)
-            .min()
+            .min();
+        let silent = self.silent_deadline().filter(|_| relay_reachable);
+        [retransmit, silent].into_iter().flatten().min()
+    }
+
+    /// While no server has answered anything: when the round may be called off.
+    fn silent_deadline(&self) -> Option<Instant> {
+        let answered = self.txs.iter().any(|t| matches!(t.result, Some(Some(_))));
+        if !self.running || answered {
+            return None;
+        }
+        self.txs
+            .iter()
+            .filter(|t| t.sent > 0)
+            .map(|t| t.first_sent + SILENT_VERDICT)
+            .max()
+    }
+
+    /// Calls the round off when not one server answered within [`SILENT_VERDICT`] of its
+    /// first request. The caller does this only when it knows the relay is reachable over
+    /// TCP: then silence on UDP means UDP is blocked, and waiting out RFC 8489's full
+    /// 39.5 s (Rc = 7, Rm = 16) would only delay that verdict. Returns whether it did.
+    pub fn give_up_if_silent(&mut self, now: Instant) -> bool {
+        if self.silent_deadline().is_none_or(|t| t > now) {
+            return false;
+        }
+        debug!("no STUN answer from any server: UDP looks blocked");
+        for t in self.txs.iter_mut().filter(|t| t.result.is_none()) {
+            t.result = Some(None);
+        }
+        true
     }
 
     /// Sends due requests; returns `(destination, packet)` pairs.
@@ -301,7 +336,9 @@ mod tests {
         let mut out = Vec::new();
         let mut sends = Vec::new();
         for _ in 0..20 {
-            let Some(t) = d.poll_timeout() else { break };
+            let Some(t) = d.poll_timeout(false) else {
+                break;
+            };
             let before = out.len();
             d.on_timeout(t, &mut out);
             if out.len() > before {

@@ -446,9 +446,12 @@ impl NodeCore {
     /// When [`NodeCore::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t = self.timers.iter().flatten().copied().min();
-        for x in [self.session.poll_timeout(), self.discovery.poll_timeout()]
-            .into_iter()
-            .flatten()
+        for x in [
+            self.session.poll_timeout(),
+            self.discovery.poll_timeout(self.session.is_registered()),
+        ]
+        .into_iter()
+        .flatten()
         {
             t = Some(t.map_or(x, |t| t.min(x)));
         }
@@ -472,6 +475,9 @@ impl NodeCore {
 
         let mut stun_out = Vec::new();
         self.discovery.on_timeout(now, &mut stun_out);
+        if self.session.is_registered() {
+            self.discovery.give_up_if_silent(now);
+        }
         for (destination, contents) in stun_out {
             self.transmits.push_back(Transmit {
                 source: None,

@@ -368,6 +368,25 @@ fn netcheck_reports_mapping_behaviour() {
 }
 
 #[test]
+fn netcheck_says_udp_blocked_without_waiting_out_rfc_8489() {
+    let mut sim = Sim::new(29, SimConfig::default());
+    let n = sim.add_nat(NatConfig::udp_blocked(), ms(20));
+    let h = sim.add_host(Some(n), ms(0), |_| {});
+    assert!(sim.run_until(secs(60), |s| s.hosts[h].node.is_registered()));
+    sim.with_node(h, |n, now| n.netcheck(now));
+    // Every STUN request is dropped; the relay answers over TCP. The verdict must come
+    // well before RFC 8489's 39.5 s give-up.
+    sim.run_for(secs(8));
+    let report = sim.hosts[h].events.iter().find_map(|(_, e)| match e {
+        NodeEvent::NetcheckDone(r) => Some(r.clone()),
+        _ => None,
+    });
+    let r = report.expect("no netcheck report within 8 s");
+    assert!(!r.nat.udp, "{r:#?}");
+    assert_eq!(r.public_addr, None);
+}
+
+#[test]
 fn connect_to_unknown_peer_fails_cleanly() {
     let mut sim = Sim::new(29, SimConfig::default());
     let n = sim.add_nat(NatConfig::port_restricted(), ms(20));
