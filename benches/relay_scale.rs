@@ -26,7 +26,14 @@
 //!   seconds (default 5) while the nodes send `Ping` at the relay's real interval
 //!   (`Registered.keepalive_secs`, staggered evenly over the nodes, so N / keepalive_secs
 //!   pings per second) and read the `Pong`s. `BURROW_SCALE_KEEPALIVE_SECS` compresses the
-//!   interval (reported in the table).
+//!   interval (reported in the table). CPU is sampled at 10 ms resolution, so at the real
+//!   interval and few nodes the µs-per-ping column is mostly noise; a compressed interval
+//!   (e.g. `BURROW_SCALE_KEEPALIVE_SECS=1`) gives a usable per-ping cost.
+//!
+//! File descriptors: both processes hold one fd per node. Without CAP_SYS_RESOURCE the
+//! hard RLIMIT_NOFILE cannot be raised (on the dev machine it is 20,000), so steps above
+//! the limit are replaced by one step at (limit − 200) and the table says "fd-limited".
+//! Run as a user with CAP_SYS_RESOURCE (or `ulimit -Hn 1048576` first) for 100,000.
 //!
 //! Every step has a wall-clock cap (`BURROW_SCALE_STEP_SECS`, default 120); a step that
 //! does not finish is reported with the nodes it got, and later steps are skipped. The
@@ -564,6 +571,7 @@ struct Row {
     keepalive_interval_secs: f64,
     pings: u64,
     keepalive_cpu_pct: f64,
+    keepalive_cpu_us_per_ping: f64,
     failures: String,
 }
 
@@ -580,7 +588,7 @@ fn main() {
     let fd_limited = requested.iter().any(|&n| n > fd_max);
     if fd_limited {
         eprintln!(
-            "RLIMIT_NOFILE is {nofile} and cannot be raised here (setrlimit needs              CAP_SYS_RESOURCE above the hard limit): steps above {fd_max} nodes replaced by              one step at {fd_max}"
+            "RLIMIT_NOFILE is {nofile} and cannot be raised here (setrlimit needs CAP_SYS_RESOURCE above the hard limit): steps above {fd_max} nodes replaced by one step at {fd_max}"
         );
         steps.push(fd_max);
     }
@@ -634,6 +642,7 @@ fn main() {
             keepalive_interval_secs: interval.as_secs_f64(),
             pings,
             keepalive_cpu_pct: 100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
+            keepalive_cpu_us_per_ping: cpu.as_secs_f64() * 1e6 / pings.max(1) as f64,
             failures: format!(
                 "connect {} closed {} rejected {}",
                 lg.failures.connect, lg.failures.closed, lg.failures.rejected
@@ -668,7 +677,7 @@ fn main() {
         rss_idle / 1024
     );
     println!(
-        "{:>8} {:>8} {:>9} {:>9} {:>11} {:>10} {:>12} {:>9} {:>10}",
+        "{:>8} {:>8} {:>9} {:>9} {:>11} {:>10} {:>12} {:>9} {:>10} {:>8}",
         "target",
         "nodes",
         "secs",
@@ -677,11 +686,12 @@ fn main() {
         "B/node",
         "marg B/node",
         "ka int s",
-        "ka CPU %"
+        "ka CPU %",
+        "us/ping"
     );
     for r in &rows {
         println!(
-            "{:>8} {:>8} {:>9.1} {:>9.0} {:>11.1} {:>10.0} {:>12.0} {:>9.1} {:>10.2}{}",
+            "{:>8} {:>8} {:>9.1} {:>9.0} {:>11.1} {:>10.0} {:>12.0} {:>9.1} {:>10.2} {:>8.1}{}",
             r.target,
             r.registered,
             r.secs,
@@ -691,6 +701,7 @@ fn main() {
             r.rss_marginal_per_node,
             r.keepalive_interval_secs,
             r.keepalive_cpu_pct,
+            r.keepalive_cpu_us_per_ping,
             if r.complete { "" } else { "  (cap hit)" }
         );
     }
@@ -700,7 +711,7 @@ fn main() {
     );
     if fd_limited {
         println!(
-            "fd-limited: RLIMIT_NOFILE {nofile} (hard) caps both processes; requested steps              {requested:?}"
+            "fd-limited: RLIMIT_NOFILE {nofile} (hard) caps both processes; requested steps {requested:?}"
         );
     }
 
@@ -724,6 +735,7 @@ fn main() {
             "keepalive_interval_secs": r.keepalive_interval_secs,
             "keepalive_pings": r.pings,
             "keepalive_cpu_percent": r.keepalive_cpu_pct,
+            "keepalive_cpu_us_per_ping": r.keepalive_cpu_us_per_ping,
             "failures": r.failures,
         })).collect::<Vec<_>>(),
     });
