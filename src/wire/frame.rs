@@ -54,8 +54,12 @@ pub struct FrameReader {
     awaiting_preamble: bool,
 }
 
-/// Initial buffer size; it grows only as far as a frame in flight needs.
-const INITIAL_CAPACITY: usize = 16 * 1024;
+/// Initial buffer size; it doubles only as far as a frame in flight needs. Small because a
+/// relay keeps one reader per registered node and most sessions only ever carry small
+/// control frames: 16 KiB made an idle node cost ~16.5 KB of relay RSS
+/// (`benches/relay_scale.rs`), 512 B brings it to ~1.2 KB. Bulk TCP relaying grows its
+/// reader to the frame size within a few reads.
+const INITIAL_CAPACITY: usize = 512;
 
 /// The most a [`FrameReader`] ever buffers: the preamble, one length prefix and one maximal
 /// frame body. Holding this many bytes means a complete frame (or an error) is buffered.
