@@ -18,7 +18,7 @@ use crate::wire::relay_data::{self, ChannelId};
 use crate::wire::{self, PacketClass, PeerId, stun};
 
 use super::config::RelayConfig;
-use super::limits::{RateWindows, TokenBucket};
+use super::limits::{RateWindows, TokenBucket, client_key};
 use super::metrics::Metrics;
 use super::session::{Registration, Session, SessionState, UdpBinding};
 use super::stun_server::{StunOutcome, StunReply, StunResponder};
@@ -526,7 +526,12 @@ impl RelayCore {
         let refuse = if self.live_sessions >= limits.max_sessions {
             self.metrics.limit_max_sessions += 1;
             Some("the relay is at its session limit")
-        } else if self.per_ip.get(&remote.ip()).copied().unwrap_or(0) >= limits.max_sessions_per_ip
+        } else if self
+            .per_ip
+            .get(&client_key(remote.ip()))
+            .copied()
+            .unwrap_or(0)
+            >= limits.max_sessions_per_ip
         {
             self.metrics.limit_sessions_per_ip += 1;
             Some("too many sessions from your address")
@@ -535,7 +540,7 @@ impl RelayCore {
         };
         self.sessions.insert(conn, session);
         self.live_sessions += 1;
-        *self.per_ip.entry(remote.ip()).or_insert(0) += 1;
+        *self.per_ip.entry(client_key(remote.ip())).or_insert(0) += 1;
         if let Some(why) = refuse {
             debug!(%remote, why, "refusing TCP connection");
             self.close(
@@ -894,7 +899,7 @@ impl RelayCore {
         };
         let remote = s.remote;
         // Count attempts before the signature check: verifying costs CPU.
-        if !self.registration_rate.allow(now, remote.ip()) {
+        if !self.registration_rate.allow(now, client_key(remote.ip())) {
             self.metrics.limit_registration_rate += 1;
             self.close(
                 now,
@@ -1243,7 +1248,7 @@ impl RelayCore {
             },
         );
         s.reader = None;
-        let remote_ip = s.remote.ip();
+        let remote_ip = client_key(s.remote.ip());
         self.live_sessions = self.live_sessions.saturating_sub(1);
         if let Some(n) = self.per_ip.get_mut(&remote_ip) {
             *n -= 1;

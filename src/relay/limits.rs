@@ -67,6 +67,23 @@ impl TokenBucket {
 
 /// Counts events per IP address in fixed windows; refuses once `max` per window is reached.
 ///
+/// The unit per-IP limits count: an IPv4 address (IPv4-mapped IPv6 included), or an IPv6
+/// /64. One IPv6 subscriber usually holds a whole /64 (RFC 6177 recommends at least that
+/// per site), so counting single IPv6 addresses would let one host open unlimited sessions.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+    }
+}
+
 /// Memory is bounded by the number of distinct IPs seen within one window, and
 /// [`RateWindows::prune`] forgets expired windows (the core calls it on its sweep).
 #[derive(Debug)]
@@ -146,6 +163,13 @@ mod tests {
         let t0 = Instant::now();
         let mut w = RateWindows::new(Duration::from_secs(60), 2);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let v6a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(v6a), client_key(v6b));
+        assert_ne!(client_key(v6a), client_key(v6c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_key(mapped), a);
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         assert!(w.allow(t0, a));
         assert!(w.allow(t0, a));

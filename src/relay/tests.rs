@@ -1300,3 +1300,22 @@ fn challenge_waits_for_the_whole_preamble() {
         o => panic!("{o:?}"),
     }
 }
+
+#[test]
+fn per_ip_limits_count_an_ipv6_slash_64_as_one_client() {
+    let mut h = Harness::with(|c| c.limits.max_sessions_per_ip = 2);
+    let _a = h.accept_from(addr("[2001:db8:1:2::1]:1000"));
+    let _b = h.accept_from(addr("[2001:db8:1:2::ffff]:1000"));
+    // A third address from the same /64 is the same client.
+    let c = h.accept_from(addr("[2001:db8:1:2:abcd::7]:1000"));
+    assert_eq!(
+        error_code(&h.take_msgs(c)),
+        Some(ErrorCode::TooManySessions)
+    );
+    // Another /64 is another client.
+    let d = h.accept_from(addr("[2001:db8:1:3::1]:1000"));
+    assert!(matches!(
+        h.take_msgs(d).as_slice(),
+        [ServerMsg::Challenge { .. }]
+    ));
+}
