@@ -24,14 +24,16 @@
 //!
 //! Loopback only. The machine is shared: numbers vary run to run, compare ratios.
 
+#[path = "common/relay_proc.rs"]
+mod relay_proc;
+
+use relay_proc::{RelayProc, relay_bin};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use burrow::identity::Identity;
@@ -58,96 +60,8 @@ fn env_num(name: &str, default: u64) -> u64 {
 // The relay process
 // ---------------------------------------------------------------------------------------
 
-struct RelayProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn relay_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("BURROW_RELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("release").join("burrow-relay")
-}
-
 fn results_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
-        .join("bench-results")
-}
-
-impl RelayProc {
-    fn start() -> RelayProc {
-        let bin = relay_bin();
-        assert!(
-            bin.is_file(),
-            "{} not found: run `cargo build --release -p burrow-relay` first \
-             (or set BURROW_RELAY_BIN)",
-            bin.display()
-        );
-        // Limits opened up for a benchmark: many sessions and registrations from one IP,
-        // no bandwidth cap, long idle timeout.
-        let mut child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--max-sessions-per-ip", "1000"])
-            .args(["--registrations-per-ip-per-minute", "100000"])
-            .args(["--relay-bytes-per-sec", "1000000000000"])
-            .args(["--relay-burst-bytes", "1000000000000"])
-            .args(["--idle-timeout-secs", "3600"])
-            .args(["--udp-buffer-bytes", "4194304"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining so the relay never blocks on a full stderr pipe.
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(WAIT)
-            .expect("relay printed no listening line");
-        let start = line.find("tcp=").expect("tcp= in the listening line") + 4;
-        let rest = &line[start..];
-        let end = rest.find([' ', ',']).unwrap_or(rest.len());
-        let addr = rest[..end].parse().expect("relay address");
-        RelayProc { child, addr }
-    }
-
-    /// User + system CPU time of the relay process so far (from /proc, 10 ms resolution).
-    fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = after
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_nanos(ticks * 1_000_000_000 / hz)
-    }
+    relay_proc::target_dir().join("bench-results")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -472,7 +386,22 @@ fn main() {
     let duration = Duration::from_millis(env_num("BURROW_BENCH_SECS", 2) * 1000);
     let window = env_num("BURROW_BENCH_WINDOW", 128);
 
-    let relay = RelayProc::start();
+    // Limits opened up for a benchmark: many sessions and registrations from one IP, no
+    // bandwidth cap, long idle timeout.
+    let relay = RelayProc::start(&[
+        "--max-sessions-per-ip",
+        "1000",
+        "--registrations-per-ip-per-minute",
+        "100000",
+        "--relay-bytes-per-sec",
+        "1000000000000",
+        "--relay-burst-bytes",
+        "1000000000000",
+        "--idle-timeout-secs",
+        "3600",
+        "--udp-buffer-bytes",
+        "4194304",
+    ]);
     eprintln!("relay at {} ({})", relay.addr, relay_bin().display());
     let max_pairs = *PAIR_COUNTS.iter().max().unwrap();
     let pairs: Vec<Pair> = (0..max_pairs).map(|i| make_pair(relay.addr, i)).collect();

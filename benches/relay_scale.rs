@@ -39,12 +39,13 @@
 //! does not finish is reported with the nodes it got, and later steps are skipped. The
 //! relay is killed when the bench ends (also on panic, via Drop). Loopback only.
 
+#[path = "common/relay_proc.rs"]
+mod relay_proc;
+
+use relay_proc::{RelayProc, cpu_time, relay_bin, target_dir};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use burrow::identity::Identity;
@@ -59,8 +60,6 @@ const DEFAULT_STEPS: [usize; 4] = [1_000, 10_000, 50_000, 100_000];
 const IN_FLIGHT: usize = 2_000;
 /// Nodes per 127.1.x.y source address.
 const NODES_PER_SOURCE: usize = 1_000;
-/// Hang guard for the relay's listening line.
-const WAIT: Duration = Duration::from_secs(20);
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -77,19 +76,6 @@ fn steps() -> Vec<usize> {
             .collect(),
         Err(_) => DEFAULT_STEPS.to_vec(),
     }
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
-fn relay_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("BURROW_RELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    target_dir().join("release").join("burrow-relay")
 }
 
 /// Raises RLIMIT_NOFILE as far as allowed (the relay inherits it). Returns the new soft
@@ -126,82 +112,6 @@ fn raise_nofile() -> u64 {
 // ---------------------------------------------------------------------------------------
 // The relay process
 // ---------------------------------------------------------------------------------------
-
-struct RelayProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RelayProc {
-    fn start(max_nodes: usize) -> RelayProc {
-        let bin = relay_bin();
-        assert!(
-            bin.is_file(),
-            "{} not found: run `cargo build --release -p burrow-relay` first \
-             (or set BURROW_RELAY_BIN)",
-            bin.display()
-        );
-        let max_sessions = (max_nodes + 1_000).to_string();
-        let per_ip = (2 * NODES_PER_SOURCE).to_string();
-        let mut child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--max-sessions", &max_sessions])
-            .args(["--max-sessions-per-ip", &per_ip])
-            .args(["--registrations-per-ip-per-minute", "1000000"])
-            .args(["--handshake-timeout-secs", "60"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining so the relay never blocks on a full stderr pipe.
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(WAIT)
-            .expect("relay printed no listening line");
-        let start = line.find("tcp=").expect("tcp= in the listening line") + 4;
-        let rest = &line[start..];
-        let end = rest.find([' ', ',']).unwrap_or(rest.len());
-        let addr = rest[..end].parse().expect("relay address");
-        RelayProc { child, addr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-/// User + system CPU time of a process (from /proc, 10 ms resolution).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
-}
 
 /// VmRSS of a process, bytes.
 fn rss_bytes(pid: &str) -> u64 {
@@ -595,7 +505,18 @@ fn main() {
     let max = steps.iter().copied().max().unwrap_or(0);
     eprintln!("relay_scale: steps {steps:?}, RLIMIT_NOFILE {nofile}, step cap {step_cap:?}");
 
-    let relay = RelayProc::start(max);
+    let max_sessions = (max + 1_000).to_string();
+    let per_ip = (2 * NODES_PER_SOURCE).to_string();
+    let relay = RelayProc::start(&[
+        "--max-sessions",
+        &max_sessions,
+        "--max-sessions-per-ip",
+        &per_ip,
+        "--registrations-per-ip-per-minute",
+        "1000000",
+        "--handshake-timeout-secs",
+        "60",
+    ]);
     let pid = relay.pid();
     let pid_s = pid.to_string();
     std::thread::sleep(Duration::from_millis(300));
