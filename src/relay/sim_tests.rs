@@ -27,6 +27,22 @@ fn quic(i: u32) -> Vec<u8> {
     v
 }
 
+/// Two hosts behind NATs of the given kinds (20 and 30 ms from the internet), both
+/// registered with the real relay.
+fn registered_pair(seed: u64, nat_a: NatConfig, nat_b: NatConfig) -> (Sim, HostId, HostId) {
+    let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
+    let na = sim.add_nat(nat_a, ms(20));
+    let nb = sim.add_nat(nat_b, ms(30));
+    let a = sim.add_host(Some(na), ms(0), |_| {});
+    let b = sim.add_host(Some(nb), ms(0), |_| {});
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| registered(s, a)
+            && registered(s, b)),
+        "seed {seed}: not registered"
+    );
+    (sim, a, b)
+}
+
 /// Sends one datagram each way and checks both arrive.
 fn exchange(sim: &mut Sim, a: HostId, b: HostId) {
     let (aid, bid) = (sim.hosts[a].peer_id(), sim.hosts[b].peer_id());
@@ -44,15 +60,10 @@ fn exchange(sim: &mut Sim, a: HostId, b: HostId) {
 fn nodes_register_and_go_direct_through_the_real_relay() {
     for seed in 1..4 {
         eprintln!("seed {seed}");
-        let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
-        let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
-        let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
-        let a = sim.add_host(Some(na), ms(0), |_| {});
-        let b = sim.add_host(Some(nb), ms(0), |_| {});
-        assert!(
-            sim.run_until(Duration::from_secs(10), |s| registered(s, a)
-                && registered(s, b)),
-            "seed {seed}: not registered"
+        let (mut sim, a, b) = registered_pair(
+            seed,
+            NatConfig::port_restricted(),
+            NatConfig::port_restricted(),
         );
         let bid = sim.hosts[b].peer_id();
         sim.with_node(a, |n, now| n.connect(now, bid));
@@ -69,15 +80,10 @@ fn nodes_register_and_go_direct_through_the_real_relay() {
 fn symmetric_nats_fall_back_to_relaying_through_the_real_relay() {
     for seed in 1..4 {
         eprintln!("seed {seed}");
-        let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
-        let na = sim.add_nat(NatConfig::symmetric_random(), ms(20));
-        let nb = sim.add_nat(NatConfig::symmetric_random(), ms(30));
-        let a = sim.add_host(Some(na), ms(0), |_| {});
-        let b = sim.add_host(Some(nb), ms(0), |_| {});
-        assert!(
-            sim.run_until(Duration::from_secs(10), |s| registered(s, a)
-                && registered(s, b)),
-            "seed {seed}: not registered"
+        let (mut sim, a, b) = registered_pair(
+            seed,
+            NatConfig::symmetric_random(),
+            NatConfig::symmetric_random(),
         );
         let bid = sim.hosts[b].peer_id();
         sim.with_node(a, |n, now| n.connect(now, bid));
@@ -93,16 +99,8 @@ fn symmetric_nats_fall_back_to_relaying_through_the_real_relay() {
 fn udp_blocked_node_relays_over_tcp_through_the_real_relay() {
     for seed in 1..3 {
         eprintln!("seed {seed}");
-        let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
-        let na = sim.add_nat(NatConfig::udp_blocked(), ms(20));
-        let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
-        let a = sim.add_host(Some(na), ms(0), |_| {});
-        let b = sim.add_host(Some(nb), ms(0), |_| {});
-        assert!(
-            sim.run_until(Duration::from_secs(20), |s| registered(s, a)
-                && registered(s, b)),
-            "seed {seed}: not registered"
-        );
+        let (mut sim, a, b) =
+            registered_pair(seed, NatConfig::udp_blocked(), NatConfig::port_restricted());
         let bid = sim.hosts[b].peer_id();
         sim.with_node(a, |n, now| n.connect(now, bid));
         let ok = sim.run_until(Duration::from_secs(20), |s| {
@@ -117,13 +115,11 @@ fn udp_blocked_node_relays_over_tcp_through_the_real_relay() {
 #[test]
 fn direct_paths_can_be_held_back_and_released() {
     let seed = 7;
-    let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
-    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
-    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
-    let a = sim.add_host(Some(na), ms(0), |_| {});
-    let b = sim.add_host(Some(nb), ms(0), |_| {});
-    assert!(sim.run_until(Duration::from_secs(10), |s| registered(s, a)
-        && registered(s, b)));
+    let (mut sim, a, b) = registered_pair(
+        seed,
+        NatConfig::port_restricted(),
+        NatConfig::port_restricted(),
+    );
     sim.with_node(a, |n, now| n.set_direct_allowed(now, false));
     let bid = sim.hosts[b].peer_id();
     sim.with_node(a, |n, now| n.connect(now, bid));
@@ -148,13 +144,11 @@ fn direct_paths_can_be_held_back_and_released() {
 fn relayed_packets_that_overtake_the_introduction_are_kept() {
     // B's relay TCP stalls, so A's first relayed datagram reaches B before B's introduction.
     let seed = 11;
-    let mut sim = Sim::with_relay(seed, SimConfig::default(), real_relay_factory());
-    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
-    let nb = sim.add_nat(NatConfig::port_restricted(), ms(30));
-    let a = sim.add_host(Some(na), ms(0), |_| {});
-    let b = sim.add_host(Some(nb), ms(0), |_| {});
-    assert!(sim.run_until(Duration::from_secs(10), |s| registered(s, a)
-        && registered(s, b)));
+    let (mut sim, a, b) = registered_pair(
+        seed,
+        NatConfig::port_restricted(),
+        NatConfig::port_restricted(),
+    );
     sim.run_for(Duration::from_secs(20));
     sim.with_node(a, |n, now| n.set_direct_allowed(now, false));
     sim.tcp_stall.insert(b, ms(300));
