@@ -37,6 +37,9 @@ const UDP4: Token = Token(0);
 const UDP6: Token = Token(1);
 const WAKE: Token = Token(2);
 const RELAY_BASE: usize = 16;
+/// Tokens of extra (hard-NAT punching) sockets: this plus their slab key. Far above any
+/// relay connection generation.
+const EXTRA_BASE: usize = 1 << 40;
 
 /// Most datagrams read from one socket per loop turn, so the relay connection and timers
 /// are served even under a flood.
@@ -89,6 +92,9 @@ pub struct NodeDriver {
     /// Sockets whose read budget ran out while still readable (edge-triggered readiness
     /// will not report them again): read again next turn, polling with a zero timeout.
     still_readable: Vec<Token>,
+    /// Extra sockets the core asked for (hard-NAT punching), by slab key = token offset.
+    extra: slab::Slab<UdpEndpoint>,
+    extra_by_addr: std::collections::HashMap<SocketAddr, usize>,
 }
 
 impl std::fmt::Debug for NodeDriver {
@@ -194,6 +200,8 @@ impl NodeDriver {
             stop: None,
             waker,
             still_readable: Vec::new(),
+            extra: slab::Slab::new(),
+            extra_by_addr: std::collections::HashMap::new(),
         })
     }
 
@@ -283,6 +291,7 @@ impl NodeDriver {
             for event in events.iter() {
                 match event.token() {
                     UDP4 | UDP6 => self.read_udp(now, event.token())?,
+                    t if t.0 >= EXTRA_BASE => self.read_udp(now, t)?,
                     WAKE => {}
                     t if self.relay.as_ref().is_some_and(|r| r.token == t) => {
                         self.relay_ready(now, event.is_writable())
@@ -296,8 +305,13 @@ impl NodeDriver {
     fn read_udp(&mut self, now: Instant, token: Token) -> io::Result<()> {
         let socket = if token == UDP4 {
             &self.udp4
-        } else {
+        } else if token == UDP6 {
             match &self.udp6 {
+                Some(s) => s,
+                None => return Ok(()),
+            }
+        } else {
+            match self.extra.get(token.0 - EXTRA_BASE) {
                 Some(s) => s,
                 None => return Ok(()),
             }
@@ -418,6 +432,10 @@ impl NodeDriver {
 
     fn send_udp(&mut self, t: &Transmit) -> io::Result<bool> {
         let socket = match t.source {
+            Some(src) if self.extra_by_addr.contains_key(&src) => self
+                .extra_by_addr
+                .get(&src)
+                .and_then(|&k| self.extra.get(k)),
             Some(src) if self.udp6.as_ref().is_some_and(|s| s.local_addr() == src) => {
                 self.udp6.as_ref()
             }
@@ -477,6 +495,11 @@ impl NodeDriver {
                 match ev {
                     NodeEvent::ConnectRelayTcp(addr) => self.open_relay(now, addr),
                     NodeEvent::CloseRelayTcp => self.close_relay(now, false),
+                    NodeEvent::OpenSockets { request, ports } => {
+                        let locals = self.open_extra(&ports);
+                        self.core.handle_sockets_opened(now, request, &locals);
+                    }
+                    NodeEvent::CloseSockets { locals } => self.close_extra(&locals),
                     other => {
                         app_events = true;
                         delivered = true;
@@ -494,6 +517,63 @@ impl NodeDriver {
         }
         warn!("drain did not settle");
         Ok(delivered)
+    }
+
+    /// Binds extra IPv4 sockets on the main socket's address; ports that fail are skipped.
+    fn open_extra(&mut self, ports: &[u16]) -> Vec<SocketAddr> {
+        let ip = self.udp4.local_addr().ip();
+        let mut locals = Vec::with_capacity(ports.len());
+        for &port in ports {
+            let mut socket = match UdpEndpoint::bind_extra(SocketAddr::new(ip, port)) {
+                Ok(s) => s,
+                Err(e) => {
+                    trace!(port, "extra socket: {e}");
+                    // Out of descriptors: the rest would fail too.
+                    if e.raw_os_error() == Some(libc::EMFILE)
+                        || e.raw_os_error() == Some(libc::ENFILE)
+                    {
+                        debug!(
+                            "extra sockets: out of file descriptors after {}",
+                            locals.len()
+                        );
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let entry = self.extra.vacant_entry();
+            let key = entry.key();
+            if self
+                .poll
+                .registry()
+                .register(socket.source(), Token(EXTRA_BASE + key), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let local = socket.local_addr();
+            entry.insert(socket);
+            self.extra_by_addr.insert(local, key);
+            locals.push(local);
+        }
+        debug!(
+            asked = ports.len(),
+            opened = locals.len(),
+            "extra sockets open"
+        );
+        locals
+    }
+
+    fn close_extra(&mut self, locals: &[SocketAddr]) {
+        for local in locals {
+            if let Some(key) = self.extra_by_addr.remove(local)
+                && self.extra.contains(key)
+            {
+                let mut socket = self.extra.remove(key);
+                let _ = self.poll.registry().deregister(socket.source());
+                self.still_readable.retain(|t| t.0 != EXTRA_BASE + key);
+            }
+        }
     }
 
     fn flush_relay(&mut self, now: Instant) {
