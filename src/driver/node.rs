@@ -41,6 +41,9 @@ const RELAY_BASE: usize = 16;
 /// relay connection generation.
 const EXTRA_BASE: usize = 1 << 40;
 
+/// How long before a precise deadline the loop stops sleeping in epoll and spins.
+const PRECISE_SPIN: Duration = Duration::from_millis(4);
+
 /// Most datagrams read from one socket per loop turn, so the relay connection and timers
 /// are served even under a flood.
 const READ_BUDGET: usize = 256;
@@ -268,7 +271,14 @@ impl NodeDriver {
                 .min();
             let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
             // A blocked transmit waits for WRITABLE on its socket; poll at most 1 ms then.
-            let timeout = if !self.still_readable.is_empty() {
+            // A hard-NAT sweep burst must start within microseconds of the peer's (see
+            // `NodeCore::poll_precise_timeout`); epoll rounds to milliseconds, so spin for
+            // the last stretch (a few ms, rarely).
+            let precise_soon = self
+                .core
+                .poll_precise_timeout()
+                .is_some_and(|t| t.saturating_duration_since(Instant::now()) < PRECISE_SPIN);
+            let timeout = if !self.still_readable.is_empty() || precise_soon {
                 Some(Duration::ZERO)
             } else if self.blocked.is_some() {
                 Some(

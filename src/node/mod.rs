@@ -491,6 +491,18 @@ impl NodeCore {
         t
     }
 
+    /// The earliest timer that must not be rounded to a millisecond: a hard-NAT sweep
+    /// burst, whose two halves must start within tens of microseconds of each other. A
+    /// driver whose timers are coarser should spin (poll without blocking) for the last
+    /// stretch before it. `None` almost always.
+    pub fn poll_precise_timeout(&self) -> Option<Instant> {
+        self.peers
+            .handles()
+            .into_iter()
+            .filter_map(|h| self.peers.get(h).and_then(|p| p.punch.precise_deadline()))
+            .min()
+    }
+
     // ------------------------------------------------------------------ inputs
 
     /// Runs every timer that is due at `now`.
@@ -1372,7 +1384,7 @@ impl NodeCore {
                 }
             }
             (PunchType::Ready, Via::Relay) => {
-                p.punch.on_ready(now);
+                p.punch.on_ready(now, pkt.txid);
                 self.peer_timeout(now, h);
             }
             (kind, via) => trace!(?kind, ?via, "punch packet on the wrong path ignored"),

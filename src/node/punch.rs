@@ -161,6 +161,9 @@ pub(crate) enum PathUpdate {
     RetryDue,
 }
 
+/// Failed sweeps retried at once (each with fresh ports) before the normal backoff.
+const MAX_QUICK_SWEEPS: u32 = 4;
+
 /// Candidates probed back to back (unpaced) in the first round.
 const FIRST_ROUND_BURST: usize = 16;
 /// Most outstanding probe/ping transaction IDs remembered.
@@ -185,6 +188,8 @@ pub(crate) struct PunchState {
     attempts: u32,
     /// This attempt ends after `spray.escalate_after` and is retried at once (as a sweep).
     escalate: bool,
+    /// Failed sweeps since the last direct path (the first few are retried at once).
+    sweeps: u32,
     /// The current or last hard-NAT attempt.
     spray: Option<Spray>,
     /// Spray sockets kept open for the direct path (ours and the one the peer chose).
@@ -452,11 +457,16 @@ impl PunchState {
         }
     }
 
-    /// The peer's spray sockets are open.
-    pub fn on_ready(&mut self, now: Instant) {
+    /// The peer's spray sockets are open; start after `delay_us`.
+    pub fn on_ready(&mut self, now: Instant, delay_us: u64) {
         if let Some(s) = self.spray.as_mut() {
-            s.on_ready(now);
+            s.on_ready(now, delay_us);
         }
+    }
+
+    /// A timer the driver should meet to the microsecond (a sweep burst), if any.
+    pub fn precise_deadline(&self) -> Option<Instant> {
+        self.spray.as_ref().and_then(|s| s.precise_deadline())
     }
 
     /// The earliest instant this state wants [`PunchState::on_timeout`].
@@ -534,18 +544,29 @@ impl PunchState {
                 break;
             }
             budget -= 1;
-            let duration = if self.escalate {
+            let sweeping = self
+                .spray
+                .as_ref()
+                .is_some_and(|s| s.technique() == spray::Technique::Sweep);
+            // A sweep succeeds within a round trip of its burst or not at all.
+            let duration = if self.escalate || sweeping {
                 cfg.spray.escalate_after
             } else {
                 cfg.punch_duration
             };
             if now.saturating_duration_since(p.started) >= duration {
                 self.probing = None;
-                if self.direct.is_none() && self.escalate {
+                if self.direct.is_none()
+                    && (self.escalate || (sweeping && self.sweeps < MAX_QUICK_SWEEPS))
+                {
                     // Fresh port pairs do not meet the old clash entries: retry at once.
                     self.escalate = false;
+                    self.sweeps += u32::from(sweeping);
                     self.retry_at = Some(now);
-                    debug!("plain punching failed between two EIM NATs; retrying as a sweep");
+                    debug!(
+                        sweeps = self.sweeps,
+                        "punching between two EIM NATs failed; retrying as a sweep"
+                    );
                 } else if self.direct.is_none() {
                     self.backoff = (self.backoff * 2).clamp(cfg.retry_min, cfg.retry_max);
                     let jitter = rng.random_range(0..=self.backoff.as_millis() as u64 / 4);
@@ -704,6 +725,7 @@ impl PunchState {
         }
         self.attempts = 0;
         self.escalate = false;
+        self.sweeps = 0;
         self.direct = Some(Direct {
             local,
             remote: from,

@@ -155,8 +155,14 @@ pub(crate) struct Spray {
     settle: Option<(Instant, Vec<SocketAddr>)>,
     /// Sockets kept for the direct path(s) once settled, for [`Spray::take_kept`].
     kept: Vec<SocketAddr>,
+    /// Sweep prober: the synchronised burst start (see [`Spray::precise_deadline`]).
+    precise: Option<Instant>,
     done: bool,
 }
+
+/// How long after `Ready` both sides of a sweep burst (see [`Spray::on_pong`]): enough for
+/// the peer to receive and act on it, short against the attempt.
+pub(crate) const SWEEP_LEAD: Duration = Duration::from_millis(3);
 
 /// After a spray succeeds, how long its other sockets stay open. Each side picks its own
 /// direct path (the first ack it gets) and pings on it at once; the peer's ping shows which
@@ -347,13 +353,13 @@ pub(crate) fn plan(
         relayed: Vec::new(),
         settle: None,
         kept: Vec::new(),
+        precise: None,
         done: false,
     })
 }
 
 impl Spray {
     /// The technique of this attempt.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn technique(&self) -> Technique {
         self.technique
     }
@@ -472,6 +478,7 @@ impl Spray {
         *burst_sent = true;
         *burst_at = None;
         let target = *target;
+        debug!(sockets = sockets.len(), %target, "spray burst");
         let mut order = sockets.clone();
         if *reverse {
             order.reverse();
@@ -483,10 +490,14 @@ impl Spray {
         }
     }
 
-    /// A pong over the relay: if it answers our synchronisation ping, send `Ready` now and
-    /// the burst half a round trip later (whole milliseconds, rounded down: the driver's
-    /// timers have millisecond resolution, and below a millisecond the sweep's own spread
-    /// covers the difference).
+    /// A pong over the relay: if it answers our synchronisation ping, send `Ready` now,
+    /// carrying [`SWEEP_LEAD`]: the peer bursts that long after `Ready` arrives, we burst
+    /// half a round trip (the time `Ready` takes to get there) plus that long after sending
+    /// it. Both bursts then start within the relay path's asymmetry of each other, and
+    /// neither side is busy sending while the other's `Ready` is on its way (a burst keeps
+    /// a CPU busy for about a millisecond, which delays everything else on a small
+    /// machine). These deadlines are "precise" ([`Spray::precise_deadline`]): the driver
+    /// does not round them to its millisecond timer.
     pub fn on_pong(&mut self, now: Instant, txid: u64) {
         let Side::Opener {
             sync_ping,
@@ -505,16 +516,41 @@ impl Spray {
         }
         *sync_ping = None;
         let half = now.saturating_duration_since(sent) / 2;
-        let half = Duration::from_millis(half.as_millis() as u64);
         debug!(?half, "sweep synchronised over the relay");
-        *burst_at = Some(now + half);
-        self.relayed.push((PunchType::Ready, 0));
+        *burst_at = Some(now + half + SWEEP_LEAD);
+        self.relayed
+            .push((PunchType::Ready, SWEEP_LEAD.as_micros() as u64));
     }
 
-    /// The peer's `Ready` arrived: its sockets are open, start probing now.
-    pub fn on_ready(&mut self, now: Instant) {
-        if let Side::Prober { start_at, .. } = &mut self.side {
-            *start_at = (*start_at).min(now);
+    /// The peer's `Ready` arrived: its sockets are open. Start probing after the delay it
+    /// carries (µs in the txid field; 0 for a birthday spray), capped at a second.
+    pub fn on_ready(&mut self, now: Instant, delay_us: u64) {
+        if let Side::Prober {
+            start_at, burst, ..
+        } = &mut self.side
+        {
+            let delay = Duration::from_micros(delay_us.min(1_000_000));
+            *start_at = (*start_at).min(now + delay);
+            if *burst {
+                self.precise = Some(*start_at);
+            }
+        }
+    }
+
+    /// A deadline the driver should meet to the microsecond rather than to its millisecond
+    /// timer (spinning for it): the start of a sweep burst.
+    pub fn precise_deadline(&self) -> Option<Instant> {
+        if self.done {
+            return None;
+        }
+        match &self.side {
+            Side::Opener {
+                burst_at,
+                sync_ping,
+                ..
+            } if sync_ping.is_none() => *burst_at,
+            Side::Prober { next, .. } if *next == 0 => self.precise,
+            _ => None,
         }
     }
 
@@ -576,6 +612,9 @@ impl Spray {
                 let due = next_send.unwrap_or(*start_at);
                 if now < due || *next >= ports.len() {
                     return;
+                }
+                if *burst {
+                    debug!(ports = ports.len(), %ip, "sweep burst");
                 }
                 let n = if *burst {
                     ports.len()
@@ -779,7 +818,7 @@ mod tests {
         s.on_timeout(t0, &k, &cfg, &mut out);
         assert!(out.is_empty(), "no probe before Ready");
         let t1 = t0 + Duration::from_millis(30);
-        s.on_ready(t1);
+        s.on_ready(t1, 0);
         let mut now = t1;
         while let Some(t) = s.poll_timeout() {
             now = t;
@@ -832,23 +871,27 @@ mod tests {
         assert_eq!(relayed.len(), 1);
         assert_eq!(relayed[0].0, PunchType::Ping);
         assert!(resp.owns(relayed[0].1));
-        // The pong comes back after 30 ms: Ready now, the burst 15 ms later.
+        // The pong comes back after 30 ms: Ready now (the peer bursts SWEEP_LEAD after it
+        // arrives), our burst 15 ms (its trip) + SWEEP_LEAD later.
         let t1 = t0 + Duration::from_millis(30);
         resp.on_pong(t1, relayed[0].1);
-        assert_eq!(resp.take_relayed(), vec![(PunchType::Ready, 0)]);
-        assert_eq!(resp.poll_timeout(), Some(t1 + Duration::from_millis(15)));
-        resp.on_timeout(
-            t1 + Duration::from_millis(15),
-            &keys(Role::Responder),
-            &cfg,
-            &mut out,
+        assert_eq!(
+            resp.take_relayed(),
+            vec![(PunchType::Ready, SWEEP_LEAD.as_micros() as u64)]
         );
+        let at = t1 + Duration::from_millis(15) + SWEEP_LEAD;
+        assert_eq!(resp.poll_timeout(), Some(at));
+        assert_eq!(resp.precise_deadline(), Some(at));
+        resp.on_timeout(at, &keys(Role::Responder), &cfg, &mut out);
         assert_eq!(out.len(), 256);
         assert_eq!(out[0].source, Some(*locals.last().unwrap()));
         assert_eq!(out[255].source, Some(locals[0]));
         let mut probes = Vec::new();
-        init.on_ready(t0);
+        init.on_ready(t0, SWEEP_LEAD.as_micros() as u64);
+        assert_eq!(init.precise_deadline(), Some(t0 + SWEEP_LEAD));
         init.on_timeout(t0, &keys(Role::Initiator), &cfg, &mut probes);
+        assert!(probes.is_empty(), "not before the agreed start");
+        init.on_timeout(t0 + SWEEP_LEAD, &keys(Role::Initiator), &cfg, &mut probes);
         assert_eq!(probes.len(), 256);
         assert_eq!(probes[0].destination.port(), ports[0]);
         assert_eq!(probes[255].destination.port(), ports[255]);
