@@ -37,7 +37,8 @@
 //! Prints two tables (bursting and non-bursting senders), writes
 //! `target/bench-results/relay_forward.json` and `relay_forward.svg` (payload MB/s by payload
 //! size, one panel per pair count). Env: `BURROW_BENCH_SECS` (default 2), `..._WINDOW`
-//! (512), `..._BURST` (16), `BURROW_BENCH_PAIRS` (e.g. `1,64`), `BURROW_RELAY_BIN`.
+//! (512), `..._BURST` (16), `BURROW_BENCH_PAIRS` (e.g. `1,64`), `BURROW_BENCH_ONLY` (e.g.
+//! `burrow,coturn`: a subset of the forwarders, for profiling), `BURROW_RELAY_BIN`.
 //!
 //! Loopback only. The machine is shared and the load generator shares its 2 cores with the
 //! forwarder: packets/s vary run to run; CPU per packet is the steadier number.
@@ -554,12 +555,28 @@ fn main() {
         "--udp-buffer-bytes",
         "4194304",
     ]);
-    eprintln!("relay at {} ({})", relay.addr, relay_bin().display());
+    eprintln!(
+        "relay at {} (pid {}, {})",
+        relay.addr,
+        relay.pid(),
+        relay_bin().display()
+    );
+    // BURROW_BENCH_ONLY=burrow,coturn-single: a subset of the forwarders (for profiling).
+    let only: Option<Vec<String>> = std::env::var("BURROW_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+    let wanted = |v: Variant| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == v.name()))
+    };
     let pairs: Vec<Pair> = (0..max_pairs).map(|i| make_pair(relay.addr, i)).collect();
     eprintln!("{} burrow pairs registered and introduced", pairs.len());
     let relay_cpu = || relay.cpu_time();
 
-    let coturn = if turn::turnserver_installed() {
+    let want_coturn = wanted(Variant::Coturn) || wanted(Variant::CoturnSingle);
+    let coturn = if !want_coturn {
+        None
+    } else if turn::turnserver_installed() {
         let c = turn::Coturn::start((max_pairs * 2) as u16);
         eprintln!("coturn at {} (pid {})", c.addr, c.pid());
         Some(c)
@@ -585,7 +602,7 @@ fn main() {
     let mut cells = Vec::new();
     for &n in &pair_counts {
         for &payload in &PAYLOADS {
-            for variant in Variant::ALL {
+            for variant in Variant::ALL.into_iter().filter(|v| wanted(*v)) {
                 let burst_now = if variant.bursts() && gso_ok { burst } else { 1 };
                 let cell = run_cell(
                     variant,
