@@ -36,9 +36,11 @@
 //!
 //! Prints two tables (bursting and non-bursting senders), writes
 //! `target/bench-results/relay_forward.json` and `relay_forward.svg` (payload MB/s by payload
-//! size, one panel per pair count). Env: `BURROW_BENCH_SECS` (default 2), `..._WINDOW`
-//! (512), `..._BURST` (16), `BURROW_BENCH_PAIRS` (e.g. `1,64`), `BURROW_BENCH_ONLY` (e.g.
-//! `burrow,coturn`: a subset of the forwarders, for profiling), `BURROW_RELAY_BIN`.
+//! size, one panel per pair count). Each cell is the median of `BURROW_BENCH_REPEATS` (3)
+//! runs of `BURROW_BENCH_SECS` (1) after a 0.3 s warm-up, the repeats interleaved across
+//! forwarders. Other env: `BURROW_BENCH_WINDOW` (512), `BURROW_BENCH_BURST` (16),
+//! `BURROW_BENCH_PAIRS` (e.g. `1,64`), `BURROW_BENCH_ONLY` (e.g. `burrow,coturn`: a subset
+//! of the forwarders, for profiling), `BURROW_RELAY_BIN`.
 //!
 //! Loopback only. The machine is shared and the load generator shares its 2 cores with the
 //! forwarder: packets/s vary run to run; CPU per packet is the steadier number.
@@ -361,6 +363,21 @@ struct Cell {
     cpu_us_per_packet: Option<f64>,
     /// Why there is no number, if there is none.
     note: Option<String>,
+    /// Packets/s of every repeat (the cell holds the median one).
+    repeats_pps: Vec<f64>,
+}
+
+/// The repeat with the median packets/s, carrying the median CPU per packet of all repeats
+/// (each median taken on its own: both are what a typical run shows).
+fn median(mut runs: Vec<Cell>) -> Cell {
+    let all_pps: Vec<f64> = runs.iter().map(Cell::pps).collect();
+    let mut cpus: Vec<f64> = runs.iter().filter_map(|c| c.cpu_us_per_packet).collect();
+    cpus.sort_by(f64::total_cmp);
+    runs.sort_by(|a, b| a.pps().total_cmp(&b.pps()));
+    let mut cell = runs.swap_remove(runs.len() / 2);
+    cell.cpu_us_per_packet = cpus.get(cpus.len() / 2).copied();
+    cell.repeats_pps = all_pps;
+    cell
 }
 
 impl Cell {
@@ -527,7 +544,8 @@ fn main() {
         println!("relay_forward: run with `cargo bench --bench relay_forward`");
         return;
     }
-    let duration = Duration::from_millis(env_num("BURROW_BENCH_SECS", 2) * 1000);
+    let duration = Duration::from_millis(env_num("BURROW_BENCH_SECS", 1) * 1000);
+    let repeats = env_num("BURROW_BENCH_REPEATS", 3).max(1) as usize;
     let window = env_num("BURROW_BENCH_WINDOW", 512);
     let burst = env_num("BURROW_BENCH_BURST", 16).clamp(1, 64) as usize;
     let pair_counts: Vec<usize> = std::env::var("BURROW_BENCH_PAIRS")
@@ -599,34 +617,41 @@ fn main() {
         eprintln!("no UDP GSO here: bursting senders send one datagram per call");
     }
 
+    let variants: Vec<Variant> = Variant::ALL.into_iter().filter(|v| wanted(*v)).collect();
     let mut cells = Vec::new();
     for &n in &pair_counts {
         for &payload in &PAYLOADS {
-            for variant in Variant::ALL.into_iter().filter(|v| wanted(*v)) {
-                let burst_now = if variant.bursts() && gso_ok { burst } else { 1 };
-                let cell = run_cell(
-                    variant,
-                    payload,
-                    n,
-                    &pairs[..n],
-                    &turn_pairs,
-                    coturn.as_ref(),
-                    &relay_cpu,
-                    burst_now,
-                    window,
-                    duration,
-                );
-                eprintln!(
-                    "{:>5} B x {:>4} pairs {:>14}: {:>9.0} pkt/s {:>6} µs/pkt",
-                    payload,
-                    n,
-                    variant.name(),
-                    cell.pps(),
-                    cell.cpu_us_per_packet
-                        .map_or("-".into(), |u| format!("{u:.2}"))
-                );
-                cells.push(cell);
+            // Repeats interleaved (every forwarder once, then again) so a burst of load from
+            // elsewhere on the machine hits all of them alike; the median is kept.
+            let mut runs: Vec<Vec<Cell>> = vec![Vec::new(); variants.len()];
+            for _ in 0..repeats {
+                for (k, &variant) in variants.iter().enumerate() {
+                    let burst_now = if variant.bursts() && gso_ok { burst } else { 1 };
+                    let cell = run_cell(
+                        variant,
+                        payload,
+                        n,
+                        &pairs[..n],
+                        &turn_pairs,
+                        coturn.as_ref(),
+                        &relay_cpu,
+                        burst_now,
+                        window,
+                        duration,
+                    );
+                    eprintln!(
+                        "{:>5} B x {:>4} pairs {:>14}: {:>9.0} pkt/s {:>6} µs/pkt",
+                        payload,
+                        n,
+                        variant.name(),
+                        cell.pps(),
+                        cell.cpu_us_per_packet
+                            .map_or("-".into(), |u| format!("{u:.2}"))
+                    );
+                    runs[k].push(cell);
+                }
             }
+            cells.extend(runs.into_iter().map(median));
         }
     }
     drop(pairs);
@@ -634,8 +659,8 @@ fn main() {
     drop(relay);
     drop(coturn);
 
-    print_tables(&cells, &pair_counts, window, burst, duration);
-    write_json(&cells, &pair_counts, window, burst, duration);
+    print_tables(&cells, &pair_counts, window, burst, duration, repeats);
+    write_json(&cells, &pair_counts, window, burst, duration, repeats);
     write_svg(&cells, &pair_counts);
 }
 
@@ -661,6 +686,7 @@ fn run_cell(
         lost: 0,
         cpu_us_per_packet: None,
         note: None,
+        repeats_pps: Vec::new(),
     };
     let per_packet = |cpu: Duration, packets: u64| cpu.as_secs_f64() * 1e6 / packets.max(1) as f64;
     let burrow_flows = |dest: Option<SocketAddr>, relay: SocketAddr| -> Vec<Flow> {
@@ -789,11 +815,18 @@ fn fmt_x(x: Option<f64>) -> String {
     x.map_or("n/a".into(), |v| format!("{v:.2}x"))
 }
 
-fn print_tables(cells: &[Cell], pair_counts: &[usize], window: u64, burst: usize, d: Duration) {
+fn print_tables(
+    cells: &[Cell],
+    pair_counts: &[usize],
+    window: u64,
+    burst: usize,
+    d: Duration,
+    repeats: usize,
+) {
     println!();
     println!(
-        "relay_forward: loopback, {:.1} s/cell, window {window} packets; k pkt/s and server \
-         CPU µs per delivered packet",
+        "relay_forward: loopback, median of {repeats} x {:.1} s per cell, window {window} \
+         packets; k pkt/s and server CPU µs per delivered packet",
         d.as_secs_f64()
     );
     println!("senders that burst (GSO, {burst} datagrams per send):");
@@ -890,7 +923,14 @@ fn machine() -> serde_json::Value {
     })
 }
 
-fn write_json(cells: &[Cell], pair_counts: &[usize], window: u64, burst: usize, d: Duration) {
+fn write_json(
+    cells: &[Cell],
+    pair_counts: &[usize],
+    window: u64,
+    burst: usize,
+    d: Duration,
+    repeats: usize,
+) {
     let dir = results_dir();
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("cannot create {}: {e}", dir.display());
@@ -914,6 +954,7 @@ fn write_json(cells: &[Cell], pair_counts: &[usize], window: u64, burst: usize, 
                 "lost": c.lost,
                 "secs": c.secs,
                 "note": c.note,
+                "repeats_packets_per_sec": c.repeats_pps.iter().map(|p| p.round()).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -940,6 +981,7 @@ fn write_json(cells: &[Cell], pair_counts: &[usize], window: u64, burst: usize, 
         "command": "cargo build --release -p burrow-relay && cargo bench --bench relay_forward",
         "machine": machine(),
         "secs_per_cell": d.as_secs_f64(),
+        "repeats": repeats,
         "window": window,
         "burst": burst,
         "cells": rows,
