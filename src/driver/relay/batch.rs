@@ -141,8 +141,11 @@ pub struct RecvBatch {
     send_iovecs: Vec<libc::iovec>,
     send_ctrl: Vec<[u64; CTRL_WORDS]>,
     send_hdrs: Vec<libc::mmsghdr>,
-    /// GSO sends work (cleared after the kernel refuses one: segments go one by one).
+    /// GSO sends work (cleared when the kernel or device cannot do GSO: segments then go
+    /// one by one).
     gso: bool,
+    /// A GSO send has succeeded at least once.
+    gso_worked: bool,
 }
 
 impl RecvBatch {
@@ -175,6 +178,7 @@ impl RecvBatch {
             send_ctrl: vec![[0; CTRL_WORDS]; SEND_CHUNK],
             send_hdrs: (0..SEND_CHUNK).map(|_| zeroed_mmsghdr()).collect(),
             gso: true,
+            gso_worked: false,
         }
     }
 
@@ -325,8 +329,16 @@ impl RecvBatch {
                     )
                 };
                 if n > 0 {
-                    sent += n as usize;
-                    sent_total += n as usize;
+                    let n = n as usize;
+                    if !self.gso_worked
+                        && self.send_hdrs[sent..sent + n]
+                            .iter()
+                            .any(|h| h.msg_hdr.msg_controllen != 0)
+                    {
+                        self.gso_worked = true;
+                    }
+                    sent += n;
+                    sent_total += n;
                     continue;
                 }
                 let err = io::Error::last_os_error();
@@ -334,13 +346,16 @@ impl RecvBatch {
                     Some(libc::EINTR) => continue,
                     // The send buffer is full: drop the rest of this chunk.
                     Some(libc::EAGAIN) => break,
-                    // The device or kernel refuses GSO: from now on segment by segment;
-                    // this run goes out that way right now.
-                    Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE)
+                    // A GSO send refused: this run goes out segment by segment. EIO means
+                    // the device cannot do GSO (no checksum offload), as does EINVAL from a
+                    // kernel that never took one (older than 4.18): GSO stays off. EINVAL or
+                    // EMSGSIZE after GSO worked concern this run (e.g. segments larger than
+                    // the outgoing MTU).
+                    Some(code @ (libc::EIO | libc::EINVAL | libc::EMSGSIZE))
                         if self.send_hdrs[sent].msg_hdr.msg_controllen != 0 =>
                     {
-                        if self.gso {
-                            debug!(error = %err, "UDP GSO send refused; sending segments one by one");
+                        if self.gso && (code == libc::EIO || !self.gso_worked) {
+                            debug!(error = %err, "UDP GSO unavailable; sending segments one by one");
                             self.gso = false;
                         }
                         let p = self.pending[start + sent];
