@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use burrow::driver::node::{DriverConfig, NodeDriver};
+use burrow::driver::portmap::PortMapSettings;
 use burrow::identity::Identity;
 use burrow::node::NodeConfig;
 use burrow::transport::{Transport, TransportConfig};
@@ -89,6 +90,10 @@ pub struct NodeArgs {
     /// Extra STUN server (HOST:PORT), repeatable.
     #[arg(long = "stun")]
     stun: Vec<String>,
+    /// Do not ask the router for a port mapping (PCP, NAT-PMP, UPnP IGD). Port mapping is
+    /// also skipped when the relay is on loopback (a local setup).
+    #[arg(long, env = "BURROW_NO_PORTMAP")]
+    no_portmap: bool,
     #[command(flatten)]
     identity: IdentityArgs,
 }
@@ -126,7 +131,15 @@ impl NodeArgs {
             udp4: self.bind,
             udp6: (!self.no_ipv6).then_some(self.bind6),
         };
-        NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))
+        let mut driver =
+            NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))?;
+        if !self.no_portmap && !relay.ip().is_loopback() {
+            // Not fatal: the node works without a mapping (the status says why).
+            if let Err(e) = driver.enable_port_mapping(PortMapSettings::default()) {
+                tracing::debug!("no port mapping: {e}");
+            }
+        }
+        Ok(driver)
     }
 }
 
