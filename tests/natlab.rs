@@ -806,9 +806,13 @@ fn relay_restart_mid_transfer() {
 /// [`expected`]) where the listener's router runs miniupnpd (and the pinger's too when
 /// `both`). Returns whether the ping ended direct on the listener's mapped address, the
 /// time from the first pong to the first direct pong, and a log for failures.
-fn portmap_sym_sym_once(both: bool) -> (bool, Option<Duration>, String) {
+fn portmap_sym_sym_once(both: bool, upnp_only: bool) -> (bool, Option<Duration>, String) {
     let spec = SiteSpec::new(Kind::Sym);
-    let lab = Lab::with_port_mapping(&[spec, spec], &[true, both]);
+    let lab = if upnp_only {
+        Lab::with_upnp_only(&[spec, spec], &[true, both])
+    } else {
+        Lab::with_port_mapping(&[spec, spec], &[true, both])
+    };
     let relay = lab.start_relay();
     let listener = lab.listen(lab.host(0, 0), "listener");
     // The mapping is reported on the listener's stderr ("port mapping: ADDR via pcp ...").
@@ -888,7 +892,7 @@ fn sym_sym_goes_direct_through_port_mapping() {
     if !lab::port_mapping_available() {
         return;
     }
-    let (ok, direct_at, log) = portmap_sym_sym_once(false);
+    let (ok, direct_at, log) = portmap_sym_sym_once(false, false);
     assert!(ok, "sym × sym with a port mapping did not go direct\n{log}");
     eprintln!(
         "sym × sym + port mapping: direct after {direct_at:?}; {}",
@@ -910,7 +914,7 @@ fn portmap_success_rate() {
         .unwrap_or(20);
     for both in [false, true] {
         let results: Vec<_> = (0..runs).collect();
-        let outcomes = par_map(&results, |_| portmap_sym_sym_once(both));
+        let outcomes = par_map(&results, |_| portmap_sym_sym_once(both, false));
         let mut ok = 0;
         let mut times = Vec::new();
         for o in outcomes {
@@ -936,4 +940,84 @@ fn portmap_success_rate() {
         );
         eprintln!("{line}");
     }
+}
+
+/// The same through UPnP IGD alone (miniupnpd with NAT-PMP/PCP off): the node's PCP and
+/// NAT-PMP attempts time out, then SSDP discovery (already done in parallel), the
+/// description, GetExternalIPAddress and AddPortMapping over HTTP on the mio loop.
+#[test]
+fn sym_sym_goes_direct_through_upnp_igd() {
+    if !lab::port_mapping_available() {
+        return;
+    }
+    let (ok, direct_at, log) = portmap_sym_sym_once(false, true);
+    assert!(ok, "sym × sym with a UPnP mapping did not go direct\n{log}");
+    assert!(log.contains(" via upnp"), "not mapped with UPnP\n{log}");
+    eprintln!(
+        "sym × sym + UPnP IGD: direct after {direct_at:?}; {}",
+        log.lines().next().unwrap_or_default()
+    );
+}
+
+/// The DNAT rules miniupnpd holds on a router (one per mapping).
+fn router_mappings(lab: &Lab, site: usize) -> usize {
+    lab.ruleset(&lab.routers[site][0])
+        .lines()
+        .filter(|l| l.contains("dnat ip to"))
+        .count()
+}
+
+/// `burrow netcheck` shows the mapping (JSON `port_mapping`), and its clean exit deletes
+/// it from the router; `burrow listen` stopped with SIGTERM deletes its mapping too.
+#[test]
+fn port_mapping_shown_by_netcheck_and_deleted_on_exit() {
+    if !lab::port_mapping_available() {
+        return;
+    }
+    let lab = Lab::with_port_mapping(&[SiteSpec::new(Kind::Sym)], &[true]);
+    let _relay = lab.start_relay();
+    let report = lab
+        .netcheck(lab.host(0, 0), "nc", 30)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.daemon_logs()));
+    let pm = &report["port_mapping"];
+    assert_eq!(pm["status"], "mapped", "{report}");
+    assert_eq!(pm["protocol"], "pcp", "{report}");
+    let external = pm["external"].as_str().unwrap_or_default();
+    assert!(
+        external.starts_with(&format!("{}.20:", lab::PORTMAP_WAN_PREFIX)),
+        "{report}"
+    );
+    assert_eq!(
+        router_mappings(&lab, 0),
+        0,
+        "netcheck exited but its mapping is still on the router:\n{}\n{}",
+        lab.ruleset(&lab.routers[0][0]),
+        lab.daemon_logs()
+    );
+
+    let mut listener = lab.listen(lab.host(0, 0), "listener");
+    let mut mapped = false;
+    for _ in 0..300 {
+        if listener.proc.stderr_text().contains("port mapping: ") && router_mappings(&lab, 0) == 1 {
+            mapped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        mapped,
+        "listen got no mapping\n{}",
+        listener.proc.stderr_text()
+    );
+    listener.proc.signal(libc::SIGTERM);
+    assert!(
+        listener.proc.wait_exit(lab::WAIT).is_some(),
+        "listen did not exit on SIGTERM"
+    );
+    assert_eq!(
+        router_mappings(&lab, 0),
+        0,
+        "listen stopped but its mapping is still on the router:\n{}",
+        lab.ruleset(&lab.routers[0][0])
+    );
 }

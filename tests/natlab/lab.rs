@@ -308,6 +308,16 @@ impl Lab {
     /// Like [`Lab::new`], and the routers of the sites where `port_mapping[i]` is true run
     /// miniupnpd (NAT sites only; a missing entry means no).
     pub fn with_port_mapping(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
+        Lab::build(sites, port_mapping, false)
+    }
+
+    /// Like [`Lab::with_port_mapping`], but miniupnpd serves only UPnP IGD (NAT-PMP and
+    /// PCP off), so a node has to fall back to SSDP + SOAP.
+    pub fn with_upnp_only(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
+        Lab::build(sites, port_mapping, true)
+    }
+
+    fn build(sites: &[SiteSpec], port_mapping: &[bool], upnp_only: bool) -> Lab {
         delete_leftovers();
         let mapped = |i: usize| {
             port_mapping.get(i).copied().unwrap_or(false)
@@ -432,7 +442,7 @@ impl Lab {
                 lab.lan_bridge(&home, &format!("10.{}.0.1/24", i + 1));
                 lab.router_rules(&home, home_kind, spec.loss, spec.udp_rate_mbytes);
                 if mapped(i) {
-                    lab.start_miniupnpd(&home, i);
+                    lab.start_miniupnpd(&home, i, upnp_only);
                 }
                 for h in 0..spec.hosts.max(1) {
                     let host = lab.add_ns(&format!("s{i}h{h}"));
@@ -559,7 +569,7 @@ impl Lab {
     /// Runs miniupnpd on `router` (site `site`): PCP, NAT-PMP and UPnP IGD for the LAN,
     /// mapping into the router's `inet miniupnpd` table (created here: the daemon fills
     /// its chains but does not create them). Waits until it listens.
-    fn start_miniupnpd(&mut self, router: &str, site: usize) {
+    fn start_miniupnpd(&mut self, router: &str, site: usize, upnp_only: bool) {
         let tables = "table inet miniupnpd {\n\
              chain forward { type filter hook forward priority filter; policy accept; jump miniupnpd; }\n\
              chain miniupnpd { }\n\
@@ -571,10 +581,11 @@ impl Lab {
         nft_script(router, tables);
         let conf = self.dir.path().join(format!("miniupnpd-{site}.conf"));
         let lan = format!("10.{}.0.0/24", site + 1);
+        let natpmp = if upnp_only { "no" } else { "yes" };
         std::fs::write(
             &conf,
             format!(
-                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp=yes\n\
+                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp={natpmp}\n\
                  enable_upnp=yes\nsecure_mode=yes\nsystem_uptime=no\n\
                  uuid=3a5c1c2a-0000-4000-8000-00000000000{site}\n\
                  upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n\
@@ -597,7 +608,14 @@ impl Lab {
             ],
             &format!("miniupnpd{site}"),
         );
-        proc.wait_stderr("Listening for NAT-PMP/PCP traffic", WAIT);
+        proc.wait_stderr(
+            if upnp_only {
+                "HTTP listening on port"
+            } else {
+                "Listening for NAT-PMP/PCP traffic"
+            },
+            WAIT,
+        );
         self.daemons.lock().unwrap().push(proc);
     }
 
@@ -971,6 +989,12 @@ impl NsProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs in place).
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     /// Whether the process has not exited yet.
