@@ -912,6 +912,9 @@ fn portmap_success_rate() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let mut table = String::from(
+        "| sym × sym, miniupnpd on | direct | median first pong → direct |\n|---|---|---|\n",
+    );
     for both in [false, true] {
         let results: Vec<_> = (0..runs).collect();
         let outcomes = par_map(&results, |_| portmap_sym_sym_once(both, false));
@@ -939,6 +942,19 @@ fn portmap_success_rate() {
             median.as_secs_f64()
         );
         eprintln!("{line}");
+        table.push_str(&format!(
+            "| {} | {ok}/{runs} | {:.2} s |\n",
+            if both {
+                "both routers"
+            } else {
+                "the listener's router"
+            },
+            median.as_secs_f64()
+        ));
+    }
+    eprintln!("\nport mapping\n{table}");
+    if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
+        results_file_section(&path, "port mapping (miniupnpd, PCP)", &table);
     }
 }
 
