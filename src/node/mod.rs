@@ -54,6 +54,7 @@ pub use peer::PeerHandle;
 pub use punch::PunchConfig;
 
 use crate::identity::Identity;
+use crate::portmap::PortMapStatus;
 use crate::wire::control::{
     self, Candidate, CandidateKind, ClientMsg, ConnectFailure, ErrorCode, NatReport, Register,
     Role, ServerMsg, UdpMsg,
@@ -215,6 +216,8 @@ pub enum NodeEvent {
     },
     /// A [`NodeCore::netcheck`] finished.
     NetcheckDone(NetcheckReport),
+    /// The router port mapping changed (see [`NodeCore::handle_port_mapping`]).
+    PortMapping(PortMapStatus),
 }
 
 /// Why a datagram or ping could not be sent.
@@ -300,6 +303,9 @@ pub struct NodeCore {
     /// Relayed packets that arrived on a channel before its introduction (UDP can overtake
     /// the relay's TCP message): replayed when the introduction arrives. Bounded.
     early_relayed: VecDeque<(Instant, ChannelId, Vec<u8>)>,
+    /// The router port mapping the driver holds for our UDP socket (issue 7): announced
+    /// as a `PortMapped` candidate while `Mapped`.
+    port_mapping: PortMapStatus,
 }
 
 impl NodeCore {
@@ -331,6 +337,7 @@ impl NodeCore {
             early_relayed: VecDeque::new(),
             pending_challenge: None,
             relay_epoch: 0,
+            port_mapping: PortMapStatus::Disabled,
         }
     }
 
@@ -354,6 +361,24 @@ impl NodeCore {
     /// Whether the relay session is registered.
     pub fn is_registered(&self) -> bool {
         self.session.is_registered()
+    }
+
+    /// The driver's port mapping changed: a held mapping becomes a `PortMapped` candidate
+    /// (announced to the relay with `UpdateCandidates`, so current and future peers probe
+    /// it); anything else withdraws it. Emits [`NodeEvent::PortMapping`].
+    pub fn handle_port_mapping(&mut self, now: Instant, status: PortMapStatus) {
+        if self.port_mapping == status {
+            return;
+        }
+        debug!(?status, "port mapping");
+        self.port_mapping = status.clone();
+        self.events.push_back(NodeEvent::PortMapping(status));
+        self.maybe_update_candidates(now);
+    }
+
+    /// The port mapping as last reported by the driver.
+    pub fn port_mapping(&self) -> &PortMapStatus {
+        &self.port_mapping
     }
 
     /// What we measured of our NAT so far.
@@ -844,6 +869,15 @@ impl NodeCore {
             v.push(Candidate {
                 addr: r,
                 kind: CandidateKind::ServerReflexive,
+            });
+        }
+        if let PortMapStatus::Mapped(m) = &self.port_mapping
+            && crate::portmap::is_announceable(m.external)
+            && !v.iter().any(|c| c.addr == m.external)
+        {
+            v.push(Candidate {
+                addr: m.external,
+                kind: CandidateKind::PortMapped,
             });
         }
         for a in &self.cfg.local_addrs {

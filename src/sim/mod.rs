@@ -787,4 +787,6 @@ impl Sim {
 #[cfg(test)]
 mod matrix;
 #[cfg(test)]
+mod portmap_tests;
+#[cfg(test)]
 mod tests;
