@@ -9,6 +9,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, trace, warn};
 
+use super::portmap::{PortMapDriver, PortMapSettings};
 use super::udp::{RecvBuffers, UdpEndpoint};
 use crate::node::{NodeConfig, NodeCore, NodeEvent, Transmit};
 
@@ -98,6 +99,9 @@ pub struct NodeDriver {
     /// Extra sockets the core asked for (hard-NAT punching), by slab key = token offset.
     extra: slab::Slab<UdpEndpoint>,
     extra_by_addr: std::collections::HashMap<SocketAddr, usize>,
+    /// Router port mapping for the IPv4 socket, when enabled
+    /// ([`NodeDriver::enable_port_mapping`]); released on drop.
+    portmap: Option<PortMapDriver>,
 }
 
 impl std::fmt::Debug for NodeDriver {
@@ -205,7 +209,83 @@ impl NodeDriver {
             still_readable: Vec::new(),
             extra: slab::Slab::new(),
             extra_by_addr: std::collections::HashMap::new(),
+            portmap: None,
         })
+    }
+
+    /// Asks the router for a port mapping of the IPv4 socket (PCP, NAT-PMP, then UPnP IGD;
+    /// see [`crate::portmap`]): the mapped address becomes a candidate, is renewed while the
+    /// driver lives, and is deleted when it is dropped. Fails when there is no IPv4 default
+    /// gateway.
+    pub fn enable_port_mapping(&mut self, settings: PortMapSettings) -> io::Result<()> {
+        let now = Instant::now();
+        let mut pm = match PortMapDriver::start(
+            self.poll.registry(),
+            &settings,
+            self.udp4.local_addr().port(),
+            rand::random(),
+            now,
+        ) {
+            Ok(pm) => pm,
+            Err(e) => {
+                self.core.handle_port_mapping(
+                    now,
+                    crate::portmap::PortMapStatus::Unavailable(e.to_string()),
+                );
+                return Err(e);
+            }
+        };
+        pm.flush(now, self.poll.registry());
+        self.portmap = Some(pm);
+        self.portmap_turn(now);
+        Ok(())
+    }
+
+    /// Port mapping's share of a loop turn: timers, outputs, status changes to the core.
+    fn portmap_turn(&mut self, now: Instant) {
+        let Some(pm) = self.portmap.as_mut() else {
+            return;
+        };
+        pm.handle_timeout(now, self.poll.registry());
+        pm.flush(now, self.poll.registry());
+        while let Some(status) = pm.poll_status() {
+            self.core.handle_port_mapping(now, status);
+        }
+    }
+
+    /// Deletes the port mapping, waiting at most `wait` for the router to confirm (a
+    /// router that does not answer keeps the mapping until its lifetime runs out).
+    fn release_port_mapping(&mut self, wait: Duration) {
+        let Some(mut pm) = self.portmap.take() else {
+            return;
+        };
+        let start = Instant::now();
+        pm.release(start);
+        let mut events = Events::with_capacity(16);
+        for _ in 0..1000 {
+            let now = Instant::now();
+            pm.handle_timeout(now, self.poll.registry());
+            pm.flush(now, self.poll.registry());
+            if pm.is_released() || now >= start + wait {
+                break;
+            }
+            let timeout = pm
+                .poll_timeout()
+                .unwrap_or(start + wait)
+                .min(start + wait)
+                .saturating_duration_since(now);
+            if self.poll.poll(&mut events, Some(timeout)).is_err() {
+                break;
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                if pm.owns(ev.token()) {
+                    pm.handle_event(now, ev.token(), self.poll.registry());
+                }
+            }
+        }
+        debug!(released = pm.is_released(), "port mapping: deleted");
+        pm.close(self.poll.registry());
     }
 
     /// The core, for calls before [`NodeDriver::run`] (e.g. `connect`).
@@ -248,6 +328,7 @@ impl NodeDriver {
             if self.core.poll_timeout().is_some_and(|t| t <= now) {
                 self.core.handle_timeout(now);
             }
+            self.portmap_turn(now);
             // An event handled during the drain may change what the app wants to do now
             // (e.g. a path change starts the next phase): tick again until it is quiet.
             for _ in 0..8 {
@@ -265,10 +346,15 @@ impl NodeDriver {
             {
                 return Ok(());
             }
-            let next = [self.core.poll_timeout(), app.poll_timeout(), deadline]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                self.core.poll_timeout(),
+                app.poll_timeout(),
+                deadline,
+                self.portmap.as_ref().and_then(|p| p.poll_timeout()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
             // A blocked transmit waits for WRITABLE on its socket; poll at most 1 ms then.
             // A hard-NAT sweep burst must start within microseconds of the peer's (see
@@ -305,6 +391,11 @@ impl NodeDriver {
                     WAKE => {}
                     t if self.relay.as_ref().is_some_and(|r| r.token == t) => {
                         self.relay_ready(now, event.is_writable())
+                    }
+                    t if self.portmap.as_ref().is_some_and(|p| p.owns(t)) => {
+                        if let Some(pm) = self.portmap.as_mut() {
+                            pm.handle_event(now, t, self.poll.registry());
+                        }
                     }
                     t => trace!(?t, "stale event"),
                 }
@@ -630,5 +721,13 @@ impl NodeDriver {
                 conn.writable_interest = want;
             }
         }
+    }
+}
+
+impl Drop for NodeDriver {
+    fn drop(&mut self) {
+        // A clean exit deletes the router mapping (RFC 6886 §3.4, RFC 6887 §15: a client
+        // SHOULD delete mappings it no longer needs) rather than leaving a forwarded port.
+        self.release_port_mapping(Duration::from_secs(1));
     }
 }

@@ -56,6 +56,7 @@ pub use punch::PunchConfig;
 pub use spray::SprayConfig;
 
 use crate::identity::Identity;
+use crate::portmap::PortMapStatus;
 use crate::wire::control::{
     self, Candidate, CandidateKind, ClientMsg, ConnectFailure, ErrorCode, NatReport, Register,
     Role, ServerMsg, UdpMsg,
@@ -231,6 +232,8 @@ pub enum NodeEvent {
         /// Their local addresses, as reported in [`NodeCore::handle_sockets_opened`].
         locals: Vec<SocketAddr>,
     },
+    /// The router port mapping changed (see [`NodeCore::handle_port_mapping`]).
+    PortMapping(PortMapStatus),
 }
 
 /// Why a datagram or ping could not be sent.
@@ -321,6 +324,9 @@ pub struct NodeCore {
     next_socket_request: u64,
     /// Spray sockets open or asked for, across peers (bounded by `spray::MAX_SOCKETS_TOTAL`).
     spray_sockets: usize,
+    /// The router port mapping the driver holds for our UDP socket (issue 7): announced
+    /// as a `PortMapped` candidate while `Mapped`.
+    port_mapping: PortMapStatus,
 }
 
 impl NodeCore {
@@ -355,6 +361,7 @@ impl NodeCore {
             socket_requests: HashMap::new(),
             next_socket_request: 1,
             spray_sockets: 0,
+            port_mapping: PortMapStatus::Disabled,
         }
     }
 
@@ -378,6 +385,24 @@ impl NodeCore {
     /// Whether the relay session is registered.
     pub fn is_registered(&self) -> bool {
         self.session.is_registered()
+    }
+
+    /// The driver's port mapping changed: a held mapping becomes a `PortMapped` candidate
+    /// (announced to the relay with `UpdateCandidates`, so current and future peers probe
+    /// it); anything else withdraws it. Emits [`NodeEvent::PortMapping`].
+    pub fn handle_port_mapping(&mut self, now: Instant, status: PortMapStatus) {
+        if self.port_mapping == status {
+            return;
+        }
+        debug!(?status, "port mapping");
+        self.port_mapping = status.clone();
+        self.events.push_back(NodeEvent::PortMapping(status));
+        self.maybe_update_candidates(now);
+    }
+
+    /// The port mapping as last reported by the driver.
+    pub fn port_mapping(&self) -> &PortMapStatus {
+        &self.port_mapping
     }
 
     /// What we measured of our NAT so far.
@@ -979,6 +1004,15 @@ impl NodeCore {
             v.push(Candidate {
                 addr: r,
                 kind: CandidateKind::ServerReflexive,
+            });
+        }
+        if let PortMapStatus::Mapped(m) = &self.port_mapping
+            && crate::portmap::is_announceable(m.external)
+            && !v.iter().any(|c| c.addr == m.external)
+        {
+            v.push(Candidate {
+                addr: m.external,
+                kind: CandidateKind::PortMapped,
             });
         }
         for a in &self.cfg.local_addrs {

@@ -839,4 +839,6 @@ impl Sim {
 #[cfg(test)]
 mod matrix;
 #[cfg(test)]
+mod portmap_tests;
+#[cfg(test)]
 mod tests;
