@@ -41,6 +41,8 @@ const RELAY_BASE: usize = 16;
 /// Tokens of extra (hard-NAT punching) sockets: this plus their slab key. Far above any
 /// relay connection generation.
 const EXTRA_BASE: usize = 1 << 40;
+/// End of the extra-socket token range (the port-mapping driver's tokens lie above it).
+const EXTRA_END: usize = EXTRA_BASE + (1 << 32);
 
 /// How long before a precise deadline the loop stops sleeping in epoll and spins.
 const PRECISE_SPIN: Duration = Duration::from_millis(4);
@@ -387,7 +389,7 @@ impl NodeDriver {
             for event in events.iter() {
                 match event.token() {
                     UDP4 | UDP6 => self.read_udp(now, event.token())?,
-                    t if t.0 >= EXTRA_BASE => self.read_udp(now, t)?,
+                    t if (EXTRA_BASE..EXTRA_END).contains(&t.0) => self.read_udp(now, t)?,
                     WAKE => {}
                     t if self.relay.as_ref().is_some_and(|r| r.token == t) => {
                         self.relay_ready(now, event.is_writable())
