@@ -29,9 +29,10 @@ const MATRIX: [Kind; 6] = [
     Kind::Double,
 ];
 
-/// The path the pinger must end on, with the reason. Theory only ("what simple UDP hole
-/// punching allows", with the node's current techniques: simultaneous probes to every
-/// candidate, peer-reflexive candidates, sequential-port prediction, no birthday probing):
+/// The path the pinger must end on, with the reason. Theory only (what hole punching allows
+/// with the node's techniques: simultaneous probes to every candidate, peer-reflexive
+/// candidates, sequential-port prediction, the birthday spray and the sweep of
+/// `src/node/spray.rs`):
 ///
 /// * udp-blocked anywhere: no UDP leaves that site, so the pinger (always the udp-blocked
 ///   side, see [`cells`]) can only use the relay's TCP forwarding: `relay-tcp`.
@@ -43,11 +44,16 @@ const MATRIX: [Kind; 6] = [
 ///   EIM) × EIM: both reflexive addresses are valid toward the peer; simultaneous probes
 ///   open both filters: `direct`. On bare masquerade this needs the node to beat (or
 ///   recover from) the conntrack clash (DESIGN.md), which is exactly what the cell tests.
-/// * sym × EIM: the sym side's mapping toward the peer is a fresh random port the EIM side
-///   cannot know, and the EIM side's address-and-port-dependent filter drops probes from any
-///   port it did not send to. Only birthday-paradox probing would get through (not
-///   implemented; `masquerade random` ports are not sequential, so prediction cannot help):
-///   `relay-udp`.
+/// * sym × eim-fw: the sym side's mapping toward the peer is a fresh random port per
+///   socket. The birthday spray: the sym side opens 256 sockets and sends one probe from
+///   each to the eim-fw side's reflexive address (dropped there by the firewall, which
+///   leaves no conntrack entry), creating 256 random mappings aimed at it; the eim-fw side
+///   probes random ports of the sym router until one hits (≈ 1 - (1 - 256/64512)^n for n
+///   probes): `direct`.
+/// * sym × bare EIM (eim, or double, whose carrier-grade NAT is a bare masquerade): the
+///   same 256 probes reach the bare router first, which answers ICMP and confirms a
+///   conntrack entry for each (sym-port, easy-port) pair: exactly the pairs the easy side
+///   must then use, so its probes are remapped (the conntrack clash): `relay-udp`.
 /// * sym × sym: neither side can predict the other's mapping: `relay-udp`.
 fn expected(a: Kind, b: Kind) -> &'static str {
     use Kind::*;
@@ -59,6 +65,8 @@ fn expected(a: Kind, b: Kind) -> &'static str {
     match (a, b) {
         (Public, _) | (_, Public) => "direct",
         (x, y) if eim_like(x) && eim_like(y) => "direct",
+        (x, y) if sym(x) && sym(y) => "relay-udp",
+        (EimFw, y) | (y, EimFw) if sym(y) => "direct",
         (x, y) if sym(x) || sym(y) => "relay-udp",
         _ => unreachable!("every kind is covered"),
     }
@@ -167,7 +175,7 @@ fn cells() -> Vec<Cell> {
     }
     // The symmetric NAT with a home-router firewall, against the public host (direct: the
     // public side answers the peer-reflexive source; the firewall only drops new inbound)
-    // and against an eim-fw site (relayed, as sym × eim-fw).
+    // and against an eim-fw site (direct through the birthday spray, as sym × eim-fw).
     for other in [Kind::Public, Kind::EimFw] {
         v.push(Cell {
             listener: other,
@@ -495,6 +503,52 @@ fn pair_matrix() {
         .collect();
     let outcomes = run_cells(cells);
     report("Pair matrix", &outcomes);
+}
+
+/// Issue 7: the birthday spray through the real kernel `masquerade random`: eim-fw × sym
+/// repeated (BURROW_NATLAB_BIRTHDAY_RUNS, default 10) must go direct in ≥ 90 % of the runs.
+#[test]
+fn birthday_spray_success_rate() {
+    if !lab::lab_available() {
+        return;
+    }
+    let runs: usize = std::env::var("BURROW_NATLAB_BIRTHDAY_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let cells: Vec<Cell> = (0..runs)
+        .map(|_| Cell {
+            listener: Kind::EimFw,
+            pinger: Kind::Sym,
+            loss: 0,
+            same: false,
+        })
+        .collect();
+    let outcomes = run_cells(cells);
+    let direct: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
+    let mut times: Vec<Duration> = direct.iter().filter_map(|o| o.listener_direct).collect();
+    times.sort();
+    let median = times.get(times.len() / 2).map_or("-".to_string(), |d| {
+        format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+    });
+    let summary = format!(
+        "eim-fw × sym (kernel `masquerade random`): direct in {}/{runs} runs; median introduced → direct on the listener {median}\n",
+        direct.len()
+    );
+    eprintln!("\nBirthday spray\n{summary}");
+    if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
+        results_file_section(&path, "Birthday spray (issue 7)", &summary);
+    }
+    if direct.len() * 10 < runs * 9 {
+        let logs: Vec<&str> = outcomes
+            .iter()
+            .filter(|o| !o.ok)
+            .map(|o| o.log.as_str())
+            .take(2)
+            .collect();
+        panic!("{summary}first failures:\n{}", logs.join("\n\n"));
+    }
 }
 
 #[test]

@@ -38,7 +38,8 @@ impl Default for PortMapSettings {
 
 /// The port-mapping UDP socket's token (the node driver's fixed tokens are below 16).
 pub(crate) const UDP_TOKEN: Token = Token(3);
-/// HTTP connection tokens start here, far from the relay connection's growing tokens.
+/// HTTP connection tokens start here, far above the node driver's relay-connection and
+/// extra-socket tokens (`driver::node`).
 const HTTP_BASE: usize = usize::MAX / 2;
 /// At most this many HTTP exchanges at once (the client makes one at a time).
 const MAX_HTTP: usize = 4;
