@@ -599,8 +599,19 @@ fn netcheck_sees_each_nat_kind() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let mut failures = Vec::new();
+    // The lab's own WAN delay must be real: a STUN round trip to the relay crosses the
+    // internet bridge twice, so it takes at least 2 D (scheduling noise only adds to it).
+    let delay_ms = lab.wan_delay().as_secs_f64() * 1000.0;
+    match lab.wan_delayed_packets() {
+        Some(0) => failures.push(format!(
+            "the WAN delayer saw no packet: {}",
+            lab.wan_summary()
+        )),
+        None if delay_ms > 0.0 => failures.push("WAN delay configured but not running".into()),
+        _ => {}
+    }
     let mut t = String::from(
-        "| site | udp | mapping | port allocation | public address |\n|---|---|---|---|---|\n",
+        "| site | udp | mapping | port allocation | public address | relay rtt |\n|---|---|---|---|---|---|\n",
     );
     for (kind, report) in kinds.iter().zip(&reports) {
         let v = match report {
@@ -610,14 +621,28 @@ fn netcheck_sees_each_nat_kind() {
                 continue;
             }
         };
+        let relay_rtt = v["relay_rtt_ms"].as_f64();
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             kind.name(),
             v["udp"],
             v["mapping"].as_str().unwrap_or("?"),
             v["port_allocation"].as_str().unwrap_or("?"),
             v["public_addr"].as_str().unwrap_or("-"),
+            relay_rtt.map_or("-".to_string(), |r| format!("{r:.1} ms")),
         ));
+        if *kind != Kind::UdpBlocked {
+            match relay_rtt {
+                Some(r) if r >= 2.0 * delay_ms => {}
+                other => failures.push(format!(
+                    "{}: relay rtt {other:?} ms, but the lab's WAN delay is {delay_ms} ms per \
+                     traversal (≥ {} ms expected): packets are not delayed? {}",
+                    kind.name(),
+                    2.0 * delay_ms,
+                    lab.wan_summary()
+                )),
+            }
+        }
         let (udp, mapping) = match kind {
             Kind::Public => (true, Some("no-nat")),
             Kind::Eim | Kind::EimFw | Kind::Double => (true, Some("endpoint-independent")),
@@ -631,7 +656,7 @@ fn netcheck_sees_each_nat_kind() {
             ));
         }
     }
-    eprintln!("\nnetcheck\n{t}");
+    eprintln!("\nnetcheck ({})\n{t}", lab.wan_summary());
     if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
         results_file_section(&path, "netcheck", &t);
     }
