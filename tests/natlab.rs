@@ -461,7 +461,7 @@ fn report(title: &str, outcomes: &[Outcome]) {
     for o in outcomes {
         match (o.ok, o.known_bug) {
             (true, Some(why)) => eprintln!(
-                "natlab: NOW PASSES: {} is listed as a known node bug ({why}); remove it from KNOWN_NODE_BUGS if it keeps passing",
+                "natlab: NOW PASSES: {} is listed as a known node bug ({why}); remove it from KNOWN_NODE_BUGS (or ZERO_DELAY_RACES) if it keeps passing",
                 o.cell.name()
             ),
             (false, None) => failures.push(format!(
