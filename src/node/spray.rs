@@ -966,10 +966,16 @@ mod tests {
             .filter(|(i, _)| *i != 3)
             .map(|(_, &p)| SocketAddr::from(([0, 0, 0, 0], p)))
             .collect();
-        let order: Vec<u16> = sweep_order(&ports, &sockets).iter().map(|s| s.port()).collect();
+        let order: Vec<u16> = sweep_order(&ports, &sockets)
+            .iter()
+            .map(|s| s.port())
+            .collect();
         let idx = |p: u16| ports.iter().position(|&x| x == p).unwrap();
         let idxs: Vec<usize> = order.iter().map(|&p| idx(p)).collect();
-        assert_eq!(&idxs[..15], &[15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 2, 1, 0]);
+        assert_eq!(
+            &idxs[..15],
+            &[15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 2, 1, 0]
+        );
         assert_eq!(&idxs[15..31], &(16..32).rev().collect::<Vec<_>>()[..]);
         assert_eq!(&idxs[31..], &(32..40).rev().collect::<Vec<_>>()[..]);
     }
