@@ -732,7 +732,7 @@ fn coturn_scale(max: usize) -> Result<CoturnScale, String> {
         let src = source_addr(i);
         let sock = std::net::UdpSocket::bind(SocketAddr::new(src.ip(), 0))
             .map_err(|e| format!("client socket {i}: {e}"))?;
-        if turn::allocate(&sock, coturn.addr, 0x5ca1e_0000 + i as u64).is_none() {
+        if turn::allocate(&sock, coturn.addr, 0x0005_ca1e_0000 + i as u64).is_none() {
             return Err(format!(
                 "allocation {i} refused or unanswered; log {}",
                 coturn.log_path().display()
