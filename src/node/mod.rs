@@ -635,6 +635,8 @@ impl NodeCore {
             return;
         };
         p.pending_request = Some(request_id);
+        // The start of connection setup (the lab bench times first byte and direct from it).
+        debug!(peer = %p.id.short(), "connect request sent");
         let msg = ClientMsg::Connect {
             peer: p.id,
             request_id,
@@ -1170,6 +1172,8 @@ impl NodeCore {
                 }
             }
             (PunchType::Ping, via) => {
+                // Pings are rare (the application's `burrow ping`): cheap to log.
+                debug!(peer = %peer_id.short(), relayed = matches!(via, Via::Relay), "ping received");
                 let reply = punch::encode_packet(
                     &keys,
                     PunchType::Pong,
