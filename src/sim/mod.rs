@@ -604,7 +604,7 @@ impl Sim {
                     self.hosts[h].events.push((t, NodeEvent::CloseRelayTcp));
                 }
                 NodeEvent::Datagram { peer, bytes } => {
-                    self.hosts[h].received.push((t, peer, bytes));
+                    self.hosts[h].received.push((t, peer, bytes.to_vec()));
                 }
                 other => self.hosts[h].events.push((t, other)),
             }
