@@ -196,6 +196,8 @@ struct Measured {
     bytes: u64,
     seconds: f64,
     cpu: f64,
+    /// CPU seconds per process role, for the JSON (who is the bottleneck).
+    cpu_parts: Vec<(&'static str, f64)>,
     path: String,
 }
 
@@ -223,14 +225,16 @@ impl CpuWatch {
             children: children_cpu(),
         }
     }
-    fn stop(&self) -> f64 {
-        let servers: f64 = self
-            .pids
-            .iter()
-            .zip(&self.start)
-            .map(|(p, s)| proc_cpu(*p) - s)
-            .sum();
-        servers + (children_cpu() - self.children)
+    /// Total CPU seconds, and the parts: the waited-for children (clients), then each pid.
+    fn stop(&self) -> (f64, Vec<f64>) {
+        let mut parts = vec![children_cpu() - self.children];
+        parts.extend(
+            self.pids
+                .iter()
+                .zip(&self.start)
+                .map(|(p, s)| proc_cpu(*p) - s),
+        );
+        (parts.iter().sum(), parts)
     }
 }
 
@@ -297,7 +301,7 @@ impl Bench {
             args.extend(["--wait-direct".to_string(), "15".to_string()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let cpu = CpuWatch::start(&[self.listener.pid(), self.relay.pid()]);
+        let watch = CpuWatch::start(&[self.listener.pid(), self.relay.pid()]);
         let mut proc = NsProc::spawn_env(
             &self.client_ns,
             &lab::bin("burrow"),
@@ -306,7 +310,12 @@ impl Bench {
             &[("RUST_LOG", "warn")],
         );
         let ok = proc.wait_exit(Duration::from_secs(u64::from(self.seconds) + 60));
-        let cpu = cpu.stop();
+        let (cpu, parts) = watch.stop();
+        let cpu_parts = vec![
+            ("sender (burrow bench)", parts[0]),
+            ("receiver (burrow listen)", parts[1]),
+            ("relay", parts[2]),
+        ];
         let summary = proc
             .stdout_lines()
             .into_iter()
@@ -330,6 +339,7 @@ impl Bench {
                 bytes: v["bytes"].as_u64().unwrap_or(0),
                 seconds: v["seconds"].as_f64().unwrap_or(0.0),
                 cpu,
+                cpu_parts,
                 path: format!("burrow {path}"),
             })
         };
@@ -344,7 +354,7 @@ impl Bench {
         };
         let exe = self_exe();
         let port = BLAST_PORT.to_string();
-        let cpu = CpuWatch::start(&[]);
+        let watch = CpuWatch::start(&[]);
         let mut rx = NsProc::spawn(&self.server_ns, &exe, &["__udp_recv", &port], "udp-recv");
         if rx.next_stdout(WAIT).as_deref() != Some("ready") {
             return Row {
@@ -357,7 +367,7 @@ impl Bench {
         let mut tx = NsProc::spawn(&self.client_ns, &exe, &[mode, &dest, &secs], "udp-send");
         tx.wait_exit(Duration::from_secs(u64::from(self.seconds) + 30));
         rx.wait_exit(Duration::from_secs(35));
-        let cpu = cpu.stop();
+        let (cpu, _) = watch.stop();
         let sent: Vec<String> = tx.stdout_lines().into_iter().map(|(_, l)| l).collect();
         let got: Vec<String> = rx.stdout_lines().into_iter().map(|(_, l)| l).collect();
         let parse = || -> Option<(u64, u64, f64)> {
@@ -372,6 +382,7 @@ impl Bench {
                 bytes: received,
                 seconds: secs,
                 cpu,
+                cpu_parts: vec![("sender + receiver", cpu)],
                 path: format!(
                     "kernel udp via dnat, {how}, {:.0} % of sent arrived",
                     received as f64 * 100.0 / sent_bytes.max(1) as f64
@@ -388,7 +399,7 @@ impl Bench {
         let port = IPERF_PORT.to_string();
         let mut pids = vec![server];
         pids.extend_from_slice(extra);
-        let cpu = CpuWatch::start(&pids);
+        let watch = CpuWatch::start(&pids);
         let mut c = NsProc::spawn(
             &self.client_ns,
             Path::new("iperf3"),
@@ -396,7 +407,15 @@ impl Bench {
             name,
         );
         let status = c.wait_exit(Duration::from_secs(u64::from(self.seconds) + 30));
-        let cpu = cpu.stop();
+        let (cpu, parts) = watch.stop();
+        let roles = [
+            "iperf3 client",
+            "iperf3 server",
+            "nebula lighthouse",
+            "nebula node 0 (sender)",
+            "nebula node 1 (receiver)",
+        ];
+        let cpu_parts: Vec<(&'static str, f64)> = roles.iter().copied().zip(parts).collect();
         let text: String = c
             .stdout_lines()
             .into_iter()
@@ -411,6 +430,7 @@ impl Bench {
                     bytes: r["bytes"].as_u64().unwrap_or(0),
                     seconds: r["seconds"].as_f64().unwrap_or(0.0),
                     cpu,
+                    cpu_parts,
                     path: what.to_string(),
                 })
             }
@@ -1011,6 +1031,9 @@ fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u
                     "case": r.name, "bytes": m.bytes, "seconds": m.seconds,
                     "mb_per_s": m.mb_per_s(), "cpu_seconds": m.cpu,
                     "cpu_seconds_per_gb": m.cpu_per_gb(), "path": m.path,
+                    "cpu_seconds_by_process": m.cpu_parts.iter()
+                        .map(|(k, v)| ((*k).to_string(), serde_json::json!(v)))
+                        .collect::<serde_json::Map<_, _>>(),
                     "ratio_to_tcp_iperf3": ratio(tcp), "ratio_to_udp_raw": ratio(udp),
                     "ratio_to_nebula": ratio(neb),
                 }));
