@@ -658,6 +658,9 @@ struct Setup {
     direct_listener_us: Option<f64>,
     /// connect → introduction at the pinger, µs.
     intro_us: Option<f64>,
+    /// RTT of this run's first pong (its ping went over the relay at the introduction), µs:
+    /// the relay round trip at the very moment of the setup, same processes, same load.
+    first_relay_rtt_us: Option<f64>,
 }
 
 impl Bench {
@@ -719,6 +722,7 @@ impl Bench {
             direct_client_us: since(first_time(&client, &["direct path confirmed"])),
             direct_listener_us: since(first_time(&listener, &["direct path confirmed"])),
             intro_us: since(first_time(&client, &["introduced"])),
+            first_relay_rtt_us: None,
         };
         (pongs, setup)
     }
@@ -908,8 +912,13 @@ fn main() {
         bench.block(None);
         relay_rtt = median(rtts_ms(&pongs, "relay-udp"));
         for i in 0..setup_runs {
-            let (pongs, s) = bench.ping(&format!("setup{i}"), 20, "0.02");
+            let (pongs, mut s) = bench.ping(&format!("setup{i}"), 20, "0.02");
             direct_rtt = direct_rtt.or(median(rtts_ms(&pongs, "direct")));
+            s.first_relay_rtt_us = pongs
+                .first()
+                .filter(|p| p["path"].as_str().is_some_and(|x| x.starts_with("relay")))
+                .and_then(|p| p["rtt_ms"].as_f64())
+                .map(|ms| ms * 1000.0);
             setups.push(s);
         }
     }
@@ -963,6 +972,10 @@ fn nebula_row(bench: &Bench, iperf_server: Option<&NsProc>) -> Row {
 }
 
 struct SetupSummary {
+    /// Median over runs of (connect → first byte) / (that run's first relayed pong RTT).
+    first_byte_per_run_rtts: Option<f64>,
+    /// Median over runs of (connect → direct at the pinger) / (that run's relayed RTT).
+    direct_per_run_rtts: Option<f64>,
     relay_rtt_ms: Option<f64>,
     direct_rtt_ms: Option<f64>,
     first_byte_us: Option<f64>,
@@ -975,7 +988,16 @@ struct SetupSummary {
 impl SetupSummary {
     fn new(s: &[Setup], relay_rtt_ms: Option<f64>, direct_rtt_ms: Option<f64>) -> SetupSummary {
         let m = |f: fn(&Setup) -> Option<f64>| median(s.iter().filter_map(f).collect());
+        let per_run = |f: fn(&Setup) -> Option<f64>| {
+            median(
+                s.iter()
+                    .filter_map(|x| Some(f(x)? / x.first_relay_rtt_us?))
+                    .collect(),
+            )
+        };
         SetupSummary {
+            first_byte_per_run_rtts: per_run(|x| x.first_byte_us),
+            direct_per_run_rtts: per_run(|x| x.direct_client_us),
             relay_rtt_ms,
             direct_rtt_ms,
             first_byte_us: m(|x| x.first_byte_us),
@@ -1066,7 +1088,14 @@ fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u
                 fmt(s.in_direct_rtts(us), 2)
             );
         }
+        println!(
+            "  per run, in that run's first (relayed) pong RTT: first byte {} , direct {}",
+            fmt(s.first_byte_per_run_rtts, 2),
+            fmt(s.direct_per_run_rtts, 2)
+        );
         setup_json = serde_json::json!({
+            "first_byte_in_same_run_relay_rtts": s.first_byte_per_run_rtts,
+            "direct_in_same_run_relay_rtts": s.direct_per_run_rtts,
             "runs": s.runs,
             "relay_rtt_ms": s.relay_rtt_ms,
             "direct_rtt_ms": s.direct_rtt_ms,
@@ -1080,6 +1109,7 @@ fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u
             "each_run": runs.iter().map(|r| serde_json::json!({
                 "introduced_us": r.intro_us, "first_byte_us": r.first_byte_us,
                 "direct_pinger_us": r.direct_client_us, "direct_listener_us": r.direct_listener_us,
+                "first_relayed_pong_rtt_us": r.first_relay_rtt_us,
             })).collect::<Vec<_>>(),
         });
     }
