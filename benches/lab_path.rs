@@ -52,6 +52,8 @@ use lab::{Kind, Lab, NsProc, SiteSpec, WAIT};
 const IPERF_PORT: u16 = 5201;
 /// UDP port of the blast receiver on site 1's host (forwarded by its router).
 const BLAST_PORT: u16 = 5301;
+/// Log filter of the processes whose setup is timed (the lines carry µs timestamps).
+const SETUP_LOG: &str = "warn,burrow::node=debug,burrow::transport=debug";
 /// Nebula overlay addresses.
 const NEB_LIGHTHOUSE: &str = "192.168.100.1";
 const NEB_NODE: [&str; 2] = ["192.168.100.2", "192.168.100.3"];
@@ -658,6 +660,13 @@ struct Setup {
     direct_listener_us: Option<f64>,
     /// connect → introduction at the pinger, µs.
     intro_us: Option<f64>,
+    /// connect → the QUIC Initial reaches the listener (a fresh `burrow bench`), µs.
+    quic_initial_us: Option<f64>,
+    /// connect → QUIC handshake done at the listener, µs: the client's first stream bytes
+    /// travel with (or right after) its handshake Finished.
+    quic_listener_us: Option<f64>,
+    /// connect → QUIC handshake done at the client, µs.
+    quic_client_us: Option<f64>,
     /// RTT of this run's first pong (its ping went over the relay at the introduction), µs:
     /// the relay round trip at the very moment of the setup, same processes, same load.
     first_relay_rtt_us: Option<f64>,
@@ -690,7 +699,7 @@ impl Bench {
             &lab::bin("burrow"),
             &args,
             "ping",
-            &[("RUST_LOG", "warn,burrow::node=debug")],
+            &[("RUST_LOG", SETUP_LOG)],
         );
         proc.wait_exit(Duration::from_secs(45));
         std::thread::sleep(Duration::from_millis(100));
@@ -723,8 +732,43 @@ impl Bench {
             direct_listener_us: since(first_time(&listener, &["direct path confirmed"])),
             intro_us: since(first_time(&client, &["introduced"])),
             first_relay_rtt_us: None,
+            ..Setup::default()
         };
         (pongs, setup)
+    }
+}
+
+impl Bench {
+    /// A fresh `burrow bench --seconds 1`: connect → QUIC Initial at the listener and
+    /// → handshake done on each side (`burrow::transport` debug lines).
+    fn quic_setup(&self, name: &str, into: &mut Setup) {
+        let key = self.lab.key(name);
+        let mut args: Vec<String> = vec!["bench".into(), self.listen_peer.clone()];
+        args.extend(self.burrow_args(key.to_str().unwrap()));
+        args.extend(["--seconds", "1", "--json"].iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let listener_seen = self.listener.stderr_lines().len();
+        let mut proc = NsProc::spawn_env(
+            &self.client_ns,
+            &lab::bin("burrow"),
+            &args,
+            "quic-setup",
+            &[("RUST_LOG", SETUP_LOG)],
+        );
+        proc.wait_exit(Duration::from_secs(45));
+        std::thread::sleep(Duration::from_millis(100));
+        let client = proc.stderr_lines();
+        let listener: Vec<(Instant, String)> = self
+            .listener
+            .stderr_lines()
+            .into_iter()
+            .skip(listener_seen)
+            .collect();
+        let t0 = first_time(&client, &["connect request sent"]);
+        let since = |t: Option<f64>| Some((t? - t0?) * 1e6);
+        into.quic_initial_us = since(first_time(&listener, &["incoming connection"]));
+        into.quic_listener_us = since(first_time(&listener, &["connected", "side=Server"]));
+        into.quic_client_us = since(first_time(&client, &["connected", "side=Client"]));
     }
 }
 
@@ -832,7 +876,7 @@ fn main() {
             "--no-ipv6",
         ],
         "listen",
-        &[("RUST_LOG", "warn,burrow::node=debug")],
+        &[("RUST_LOG", SETUP_LOG)],
     );
     let listen_peer = listener
         .next_stdout(WAIT)
@@ -919,6 +963,7 @@ fn main() {
                 .filter(|p| p["path"].as_str().is_some_and(|x| x.starts_with("relay")))
                 .and_then(|p| p["rtt_ms"].as_f64())
                 .map(|ms| ms * 1000.0);
+            bench.quic_setup(&format!("quic{i}"), &mut s);
             setups.push(s);
         }
     }
@@ -982,6 +1027,9 @@ struct SetupSummary {
     direct_client_us: Option<f64>,
     direct_listener_us: Option<f64>,
     intro_us: Option<f64>,
+    quic_initial_us: Option<f64>,
+    quic_listener_us: Option<f64>,
+    quic_client_us: Option<f64>,
     runs: usize,
 }
 
@@ -1004,6 +1052,9 @@ impl SetupSummary {
             direct_client_us: m(|x| x.direct_client_us),
             direct_listener_us: m(|x| x.direct_listener_us),
             intro_us: m(|x| x.intro_us),
+            quic_initial_us: m(|x| x.quic_initial_us),
+            quic_listener_us: m(|x| x.quic_listener_us),
+            quic_client_us: m(|x| x.quic_client_us),
             runs: s.len(),
         }
     }
@@ -1080,6 +1131,9 @@ fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u
             ("connect → first byte at peer (relay)", s.first_byte_us),
             ("connect → direct (pinger)", s.direct_client_us),
             ("connect → direct (listener)", s.direct_listener_us),
+            ("connect → QUIC Initial at listener", s.quic_initial_us),
+            ("connect → QUIC up at listener", s.quic_listener_us),
+            ("connect → QUIC up at client", s.quic_client_us),
         ] {
             println!(
                 "  {what:<38} {:>7} µs = {:>5} relay RTTs = {:>5} direct RTTs",
@@ -1106,10 +1160,16 @@ fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u
             "connect_to_direct_pinger_relay_rtts": s.in_rtts(s.direct_client_us),
             "connect_to_direct_pinger_direct_rtts": s.in_direct_rtts(s.direct_client_us),
             "connect_to_direct_listener_us": s.direct_listener_us,
+            "connect_to_quic_initial_at_listener_us": s.quic_initial_us,
+            "connect_to_quic_connected_listener_us": s.quic_listener_us,
+            "connect_to_quic_connected_listener_relay_rtts": s.in_rtts(s.quic_listener_us),
+            "connect_to_quic_connected_client_us": s.quic_client_us,
             "each_run": runs.iter().map(|r| serde_json::json!({
                 "introduced_us": r.intro_us, "first_byte_us": r.first_byte_us,
                 "direct_pinger_us": r.direct_client_us, "direct_listener_us": r.direct_listener_us,
                 "first_relayed_pong_rtt_us": r.first_relay_rtt_us,
+                "quic_initial_us": r.quic_initial_us, "quic_listener_us": r.quic_listener_us,
+                "quic_client_us": r.quic_client_us,
             })).collect::<Vec<_>>(),
         });
     }
