@@ -839,7 +839,7 @@ fn main() {
                 result: Err(reason.clone()),
             });
         }
-        report(&rows, None, &[], seconds, &out);
+        report(&rows, Err(&reason), &[], seconds, &out);
         return;
     }
 
@@ -968,7 +968,17 @@ fn main() {
         }
     }
     let setup = SetupSummary::new(&setups, relay_rtt, direct_rtt);
-    report(&rows, Some(&setup), &setups, seconds, &out);
+    if wanted("setup") {
+        report(&rows, Ok(&setup), &setups, seconds, &out);
+    } else {
+        report(
+            &rows,
+            Err("not selected (LAB_PATH_CASES)"),
+            &[],
+            seconds,
+            &out,
+        );
+    }
     drop(iperf_server);
 }
 
@@ -1070,7 +1080,14 @@ fn fmt(v: Option<f64>, prec: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.prec$}"))
 }
 
-fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u32, out: &Path) {
+/// Prints the table and writes the JSON; `setup` is Err(why) when it did not run.
+fn report(
+    rows: &[Row],
+    setup: Result<&SetupSummary, &str>,
+    runs: &[Setup],
+    seconds: u32,
+    out: &Path,
+) {
     let speed = |n: &str| {
         rows.iter()
             .find(|r| r.name == n)
@@ -1119,7 +1136,11 @@ fn report(rows: &[Row], setup: Option<&SetupSummary>, runs: &[Setup], seconds: u
         }
     }
     let mut setup_json = serde_json::Value::Null;
-    if let Some(s) = setup {
+    if let Err(why) = setup {
+        println!("{:<17} skipped: {why}", "setup");
+        setup_json = serde_json::json!({ "skipped": why });
+    }
+    if let Ok(s) = setup {
         println!(
             "setup (median of {} fresh connects; relay RTT {} ms, direct RTT {} ms):",
             s.runs,
