@@ -787,6 +787,11 @@ impl Bench {
             .into_iter()
             .skip(listener_seen)
             .collect();
+        if std::env::var_os("LAB_PATH_DEBUG").is_some() {
+            for (_, l) in client.iter().chain(&listener) {
+                eprintln!("{l}");
+            }
+        }
         let t0 = first_time(&client, &["connect request sent"]);
         let since = |t: Option<f64>| Some((t? - t0?) * 1e6);
         into.quic_initial_us = since(first_time(&listener, &["incoming connection"]));
