@@ -14,6 +14,7 @@ pub mod driver;
 pub mod identity;
 pub mod node;
 pub mod plane;
+pub mod portmap;
 pub mod relay;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -29,9 +29,10 @@ const MATRIX: [Kind; 6] = [
     Kind::Double,
 ];
 
-/// The path the pinger must end on, with the reason. Theory only ("what simple UDP hole
-/// punching allows", with the node's current techniques: simultaneous probes to every
-/// candidate, peer-reflexive candidates, sequential-port prediction, no birthday probing):
+/// The path the pinger must end on, with the reason. Theory only (what hole punching allows
+/// with the node's techniques: simultaneous probes to every candidate, peer-reflexive
+/// candidates, sequential-port prediction, the birthday spray and the sweep of
+/// `src/node/spray.rs`):
 ///
 /// * udp-blocked anywhere: no UDP leaves that site, so the pinger (always the udp-blocked
 ///   side, see [`cells`]) can only use the relay's TCP forwarding: `relay-tcp`.
@@ -43,11 +44,16 @@ const MATRIX: [Kind; 6] = [
 ///   EIM) × EIM: both reflexive addresses are valid toward the peer; simultaneous probes
 ///   open both filters: `direct`. On bare masquerade this needs the node to beat (or
 ///   recover from) the conntrack clash (DESIGN.md), which is exactly what the cell tests.
-/// * sym × EIM: the sym side's mapping toward the peer is a fresh random port the EIM side
-///   cannot know, and the EIM side's address-and-port-dependent filter drops probes from any
-///   port it did not send to. Only birthday-paradox probing would get through (not
-///   implemented; `masquerade random` ports are not sequential, so prediction cannot help):
-///   `relay-udp`.
+/// * sym × eim-fw: the sym side's mapping toward the peer is a fresh random port per
+///   socket. The birthday spray: the sym side opens 256 sockets and sends one probe from
+///   each to the eim-fw side's reflexive address (dropped there by the firewall, which
+///   leaves no conntrack entry), creating 256 random mappings aimed at it; the eim-fw side
+///   probes random ports of the sym router until one hits (≈ 1 - (1 - 256/64512)^n for n
+///   probes): `direct`.
+/// * sym × bare EIM (eim, or double, whose carrier-grade NAT is a bare masquerade): the
+///   same 256 probes reach the bare router first, which answers ICMP and confirms a
+///   conntrack entry for each (sym-port, easy-port) pair: exactly the pairs the easy side
+///   must then use, so its probes are remapped (the conntrack clash): `relay-udp`.
 /// * sym × sym: neither side can predict the other's mapping: `relay-udp`.
 fn expected(a: Kind, b: Kind) -> &'static str {
     use Kind::*;
@@ -59,6 +65,8 @@ fn expected(a: Kind, b: Kind) -> &'static str {
     match (a, b) {
         (Public, _) | (_, Public) => "direct",
         (x, y) if eim_like(x) && eim_like(y) => "direct",
+        (x, y) if sym(x) && sym(y) => "relay-udp",
+        (EimFw, y) | (y, EimFw) if sym(y) => "direct",
         (x, y) if sym(x) || sym(y) => "relay-udp",
         _ => unreachable!("every kind is covered"),
     }
@@ -167,7 +175,7 @@ fn cells() -> Vec<Cell> {
     }
     // The symmetric NAT with a home-router firewall, against the public host (direct: the
     // public side answers the peer-reflexive source; the firewall only drops new inbound)
-    // and against an eim-fw site (relayed, as sym × eim-fw).
+    // and against an eim-fw site (direct through the birthday spray, as sym × eim-fw).
     for other in [Kind::Public, Kind::EimFw] {
         v.push(Cell {
             listener: other,
@@ -497,6 +505,52 @@ fn pair_matrix() {
     report("Pair matrix", &outcomes);
 }
 
+/// Issue 7: the birthday spray through the real kernel `masquerade random`: eim-fw × sym
+/// repeated (BURROW_NATLAB_BIRTHDAY_RUNS, default 10) must go direct in ≥ 90 % of the runs.
+#[test]
+fn birthday_spray_success_rate() {
+    if !lab::lab_available() {
+        return;
+    }
+    let runs: usize = std::env::var("BURROW_NATLAB_BIRTHDAY_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let cells: Vec<Cell> = (0..runs)
+        .map(|_| Cell {
+            listener: Kind::EimFw,
+            pinger: Kind::Sym,
+            loss: 0,
+            same: false,
+        })
+        .collect();
+    let outcomes = run_cells(cells);
+    let direct: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
+    let mut times: Vec<Duration> = direct.iter().filter_map(|o| o.listener_direct).collect();
+    times.sort();
+    let median = times.get(times.len() / 2).map_or("-".to_string(), |d| {
+        format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+    });
+    let summary = format!(
+        "eim-fw × sym (kernel `masquerade random`): direct in {}/{runs} runs; median introduced → direct on the listener {median}\n",
+        direct.len()
+    );
+    eprintln!("\nBirthday spray\n{summary}");
+    if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
+        results_file_section(&path, "Birthday spray (issue 7)", &summary);
+    }
+    if direct.len() * 10 < runs * 9 {
+        let logs: Vec<&str> = outcomes
+            .iter()
+            .filter(|o| !o.ok)
+            .map(|o| o.log.as_str())
+            .take(2)
+            .collect();
+        panic!("{summary}first failures:\n{}", logs.join("\n\n"));
+    }
+}
+
 #[test]
 fn loss_ten_percent_still_goes_direct() {
     if !lab::lab_available() {
@@ -800,4 +854,240 @@ fn relay_restart_mid_transfer() {
         listener.proc.stderr_text()
     );
     drop(relay);
+}
+
+/// One sym × sym run (`masquerade random` on both routers: relayed without help, see
+/// [`expected`]) where the listener's router runs miniupnpd (and the pinger's too when
+/// `both`). Returns whether the ping ended direct on the listener's mapped address, the
+/// time from the first pong to the first direct pong, and a log for failures.
+fn portmap_sym_sym_once(both: bool, upnp_only: bool) -> (bool, Option<Duration>, String) {
+    let spec = SiteSpec::new(Kind::Sym);
+    let lab = if upnp_only {
+        Lab::with_upnp_only(&[spec, spec], &[true, both])
+    } else {
+        Lab::with_port_mapping(&[spec, spec], &[true, both])
+    };
+    let relay = lab.start_relay();
+    let listener = lab.listen(lab.host(0, 0), "listener");
+    // The mapping is reported on the listener's stderr ("port mapping: ADDR via pcp ...").
+    let mut mapping = None;
+    for _ in 0..300 {
+        if let Some(l) = listener
+            .proc
+            .stderr_lines()
+            .into_iter()
+            .map(|(_, l)| l)
+            .find(|l| l.contains("port mapping: "))
+        {
+            mapping = Some(l);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mapped_prefix = format!("{}.20:", lab::PORTMAP_WAN_PREFIX);
+    let ping = lab.ping(
+        lab.host(1, 0),
+        "pinger",
+        &listener.peer,
+        &["--until-direct", "--count", "150", "--interval", "0.2"],
+        40,
+    );
+    let first_at = ping.pongs.first().map(|p| p.at).unwrap_or_default();
+    let direct_at = ping.first_direct().map(|p| p.at.saturating_sub(first_at));
+    let ok = ping.success
+        && mapping
+            .as_deref()
+            .is_some_and(|m| m.contains(&mapped_prefix))
+        && ping.final_path() == "direct"
+        && ping
+            .pongs
+            .last()
+            .is_some_and(|p| p.remote.starts_with(&mapped_prefix));
+    let mut log = format!(
+        "mapping line: {mapping:?}\n--- ping stderr ---\n{}\n--- pongs ---\n{}\n--- listener stderr ---\n{}\n",
+        ping.stderr,
+        ping.pongs
+            .iter()
+            .map(|p| format!(
+                "seq {} {} {} at {:.2} s",
+                p.seq,
+                p.path,
+                p.remote,
+                p.at.as_secs_f64()
+            ))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        listener.proc.stderr_text()
+    );
+    if !ok {
+        log.push_str(&format!(
+            "--- relay stderr ---\n{}\n--- miniupnpd ---\n{}\n",
+            relay.stderr_text(),
+            lab.daemon_logs()
+        ));
+        for routers in &lab.routers {
+            for r in routers {
+                log.push_str(&format!(
+                    "--- ruleset of {r} ---\n{}\n--- UDP conntrack of {r} ---\n{}\n",
+                    lab.ruleset(r),
+                    lab.conntrack_udp(r)
+                ));
+            }
+        }
+    }
+    (ok, direct_at, log)
+}
+
+/// Issue 7 part 3: with miniupnpd on the listener's router, sym × sym goes direct through
+/// the port mapping (the node asks with PCP, announces the mapping as a candidate, and the
+/// peer's probe to it is forwarded by the router's DNAT rule).
+#[test]
+fn sym_sym_goes_direct_through_port_mapping() {
+    if !lab::port_mapping_available() {
+        return;
+    }
+    let (ok, direct_at, log) = portmap_sym_sym_once(false, false);
+    assert!(ok, "sym × sym with a port mapping did not go direct\n{log}");
+    eprintln!(
+        "sym × sym + port mapping: direct after {direct_at:?}; {}",
+        log.lines().next().unwrap_or_default()
+    );
+}
+
+/// The README's success rate: 20 runs each with miniupnpd on one router and on both
+/// (`cargo test --release --test natlab portmap_success_rate -- --ignored --nocapture`).
+#[test]
+#[ignore = "20 + 20 lab runs (several minutes); run by hand for the README's NAT table"]
+fn portmap_success_rate() {
+    if !lab::port_mapping_available() {
+        return;
+    }
+    let runs: usize = std::env::var("BURROW_PORTMAP_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut table = String::from(
+        "| sym × sym, miniupnpd on | direct | median first pong → direct |\n|---|---|---|\n",
+    );
+    for both in [false, true] {
+        let results: Vec<_> = (0..runs).collect();
+        let outcomes = par_map(&results, |_| portmap_sym_sym_once(both, false));
+        let mut ok = 0;
+        let mut times = Vec::new();
+        for o in outcomes {
+            match o {
+                Ok((true, t, _)) => {
+                    ok += 1;
+                    times.extend(t);
+                }
+                Ok((false, _, log)) => eprintln!("failed run:\n{log}"),
+                Err(e) => eprintln!("run panicked: {e}"),
+            }
+        }
+        times.sort();
+        let median = times.get(times.len() / 2).copied().unwrap_or_default();
+        let line = format!(
+            "sym × sym, miniupnpd on {}: direct in {ok}/{runs} runs; median time from first pong to direct {:.2} s",
+            if both {
+                "both routers"
+            } else {
+                "the listener's router"
+            },
+            median.as_secs_f64()
+        );
+        eprintln!("{line}");
+        table.push_str(&format!(
+            "| {} | {ok}/{runs} | {:.2} s |\n",
+            if both {
+                "both routers"
+            } else {
+                "the listener's router"
+            },
+            median.as_secs_f64()
+        ));
+    }
+    eprintln!("\nport mapping\n{table}");
+    if let Ok(path) = std::env::var("BURROW_NATLAB_RESULTS") {
+        results_file_section(&path, "port mapping (miniupnpd, PCP)", &table);
+    }
+}
+
+/// The same through UPnP IGD alone (miniupnpd with NAT-PMP/PCP off): the node's PCP and
+/// NAT-PMP attempts time out, then SSDP discovery (already done in parallel), the
+/// description, GetExternalIPAddress and AddPortMapping over HTTP on the mio loop.
+#[test]
+fn sym_sym_goes_direct_through_upnp_igd() {
+    if !lab::port_mapping_available() {
+        return;
+    }
+    let (ok, direct_at, log) = portmap_sym_sym_once(false, true);
+    assert!(ok, "sym × sym with a UPnP mapping did not go direct\n{log}");
+    assert!(log.contains(" via upnp"), "not mapped with UPnP\n{log}");
+    eprintln!(
+        "sym × sym + UPnP IGD: direct after {direct_at:?}; {}",
+        log.lines().next().unwrap_or_default()
+    );
+}
+
+/// The DNAT rules miniupnpd holds on a router (one per mapping).
+fn router_mappings(lab: &Lab, site: usize) -> usize {
+    lab.ruleset(&lab.routers[site][0])
+        .lines()
+        .filter(|l| l.contains("dnat ip to"))
+        .count()
+}
+
+/// `burrow netcheck` shows the mapping (JSON `port_mapping`), and its clean exit deletes
+/// it from the router; `burrow listen` stopped with SIGTERM deletes its mapping too.
+#[test]
+fn port_mapping_shown_by_netcheck_and_deleted_on_exit() {
+    if !lab::port_mapping_available() {
+        return;
+    }
+    let lab = Lab::with_port_mapping(&[SiteSpec::new(Kind::Sym)], &[true]);
+    let _relay = lab.start_relay();
+    let report = lab
+        .netcheck(lab.host(0, 0), "nc", 30)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.daemon_logs()));
+    let pm = &report["port_mapping"];
+    assert_eq!(pm["status"], "mapped", "{report}");
+    assert_eq!(pm["protocol"], "pcp", "{report}");
+    let external = pm["external"].as_str().unwrap_or_default();
+    assert!(
+        external.starts_with(&format!("{}.20:", lab::PORTMAP_WAN_PREFIX)),
+        "{report}"
+    );
+    assert_eq!(
+        router_mappings(&lab, 0),
+        0,
+        "netcheck exited but its mapping is still on the router:\n{}\n{}",
+        lab.ruleset(&lab.routers[0][0]),
+        lab.daemon_logs()
+    );
+
+    let mut listener = lab.listen(lab.host(0, 0), "listener");
+    let mut mapped = false;
+    for _ in 0..300 {
+        if listener.proc.stderr_text().contains("port mapping: ") && router_mappings(&lab, 0) == 1 {
+            mapped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        mapped,
+        "listen got no mapping\n{}",
+        listener.proc.stderr_text()
+    );
+    listener.proc.signal(libc::SIGTERM);
+    assert!(
+        listener.proc.wait_exit(lab::WAIT).is_some(),
+        "listen did not exit on SIGTERM"
+    );
+    assert_eq!(
+        router_mappings(&lab, 0),
+        0,
+        "listen stopped but its mapping is still on the router:\n{}",
+        lab.ruleset(&lab.routers[0][0])
+    );
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use burrow::app::{FileReport, ListenConfig, ListenReport, Listener};
 use burrow::node::{NodeCore, NodeEvent};
 use burrow::plane::{DataPlane, Service};
+use burrow::portmap::PortMapStatus;
 use burrow::transport::{Event, Transport};
 use burrow::wire::PeerId;
 use clap::Args;
@@ -140,6 +141,9 @@ impl Service for ListenService {
                 eprintln!("peer {} path: {}", peer.short(), describe_path(path))
             }
             NodeEvent::PeerGone { peer } => eprintln!("peer {} left", peer.short()),
+            NodeEvent::PortMapping(status) if *status != PortMapStatus::Probing => {
+                eprintln!("port mapping: {}", super::netcheck::portmap_line(status))
+            }
             _ => {}
         }
     }

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use burrow::driver::node::{DriverConfig, NodeDriver};
+use burrow::driver::portmap::PortMapSettings;
 use burrow::identity::Identity;
 use burrow::node::NodeConfig;
 use burrow::transport::{Transport, TransportConfig};
@@ -89,6 +90,10 @@ pub struct NodeArgs {
     /// Extra STUN server (HOST:PORT), repeatable.
     #[arg(long = "stun")]
     stun: Vec<String>,
+    /// Do not ask the router for a port mapping (PCP, NAT-PMP, UPnP IGD). Port mapping is
+    /// also skipped when the relay is on loopback (a local setup).
+    #[arg(long, env = "BURROW_NO_PORTMAP")]
+    no_portmap: bool,
     #[command(flatten)]
     identity: IdentityArgs,
 }
@@ -126,7 +131,51 @@ impl NodeArgs {
             udp4: self.bind,
             udp6: (!self.no_ipv6).then_some(self.bind6),
         };
-        NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))
+        let mut driver =
+            NodeDriver::new(cfg, driver).map_err(|e| format!("cannot open sockets: {e}"))?;
+        stop_on_signals(&mut driver);
+        if !self.no_portmap && !relay.ip().is_loopback() {
+            // Not fatal: the node works without a mapping (the status says why).
+            if let Err(e) = driver.enable_port_mapping(PortMapSettings::default()) {
+                tracing::debug!("no port mapping: {e}");
+            }
+        }
+        Ok(driver)
+    }
+}
+
+/// The stop flag of the one node driver a command runs, for the signal handler.
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only async-signal-safe work: an atomic swap, and _exit on a second signal. The
+    // reactor's poll returns EINTR and the loop sees the flag.
+    if let Some(flag) = STOP.get()
+        && flag.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// SIGINT / SIGTERM stop the driver's loop instead of killing the process, so that the
+/// command finishes cleanly and dropping the driver deletes the router port mapping; a
+/// second signal exits at once.
+fn stop_on_signals(driver: &mut NodeDriver) {
+    let (flag, _) = driver.stop_handle();
+    if STOP.set(flag).is_err() {
+        return;
+    }
+    // SAFETY: a plain sigaction with a handler that only does async-signal-safe work; no
+    // SA_RESTART, so epoll_wait returns EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_stop_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use burrow::driver::node::NodeApp;
 use burrow::node::{NetcheckReport, NodeCore, NodeEvent, StunServerKind};
+use burrow::portmap::PortMapStatus;
 use burrow::wire::control::{MappingBehavior, PortAllocation};
 use clap::Args;
 
@@ -31,7 +32,15 @@ struct NetcheckApp {
     started: Option<Instant>,
     requested: bool,
     report: Option<NetcheckReport>,
+    /// The router port mapping as last reported; the report waits (a bounded while) for
+    /// it to settle so that it can be shown.
+    portmap: PortMapStatus,
+    report_at: Option<Instant>,
 }
+
+/// How long the output waits for port mapping after the NAT report: PCP and NAT-PMP give up
+/// after ~3.75 s each, the UPnP search after ~4 s, and the IGD's HTTP after 5 s.
+const PORTMAP_GRACE: Duration = Duration::from_secs(15);
 
 /// How long to wait for the relay's registration before measuring without its alternate
 /// address (e.g. when the "relay" is a plain STUN server such as coturn).
@@ -44,12 +53,21 @@ impl NodeApp for NetcheckApp {
                 self.requested = true;
                 core.netcheck(now);
             }
-            NodeEvent::NetcheckDone(report) if self.requested => self.report = Some(report),
+            NodeEvent::NetcheckDone(report) if self.requested => {
+                self.report = Some(report);
+                self.report_at = Some(now);
+            }
+            NodeEvent::PortMapping(status) => self.portmap = status,
             _ => {}
         }
     }
 
     fn on_tick(&mut self, now: Instant, core: &mut NodeCore) {
+        if self.report_at.is_some_and(|at| now >= at + PORTMAP_GRACE)
+            && self.portmap == PortMapStatus::Probing
+        {
+            self.portmap = PortMapStatus::Unavailable("still probing; gave up waiting".into());
+        }
         let started = *self.started.get_or_insert(now);
         if !self.requested && now >= started + REGISTRATION_GRACE {
             self.requested = true;
@@ -58,7 +76,9 @@ impl NodeApp for NetcheckApp {
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        if self.requested {
+        if let Some(at) = self.report_at {
+            Some(at + PORTMAP_GRACE)
+        } else if self.requested {
             None
         } else {
             self.started.map(|s| s + REGISTRATION_GRACE)
@@ -66,7 +86,7 @@ impl NodeApp for NetcheckApp {
     }
 
     fn is_done(&self) -> bool {
-        self.report.is_some()
+        self.report.is_some() && self.portmap != PortMapStatus::Probing
     }
 }
 
@@ -96,12 +116,59 @@ fn kind_name(k: StunServerKind) -> &'static str {
     }
 }
 
+/// One line for humans, e.g. `198.18.0.21:40123 via pcp (lifetime 7200 s)`.
+pub(crate) fn portmap_line(s: &PortMapStatus) -> String {
+    match s {
+        PortMapStatus::Disabled => "off".into(),
+        PortMapStatus::Probing => "probing".into(),
+        PortMapStatus::Mapped(m) => {
+            let life = if m.lifetime.is_zero() {
+                "permanent lease".to_string()
+            } else {
+                format!("lifetime {} s", m.lifetime.as_secs())
+            };
+            let note = if burrow::portmap::is_announceable(m.external) {
+                ""
+            } else {
+                ", private address: another NAT above the router, not announced"
+            };
+            format!(
+                "{} via {} -> local port {} ({life}{note})",
+                m.external,
+                m.protocol.name(),
+                m.internal_port
+            )
+        }
+        PortMapStatus::Unavailable(why) => format!("unavailable ({why})"),
+    }
+}
+
+fn portmap_json(s: &PortMapStatus) -> serde_json::Value {
+    match s {
+        PortMapStatus::Mapped(m) => serde_json::json!({
+            "status": "mapped",
+            "external": m.external.to_string(),
+            "protocol": m.protocol.name(),
+            "internal_port": m.internal_port,
+            "lifetime_s": m.lifetime.as_secs(),
+            "announced": burrow::portmap::is_announceable(m.external),
+        }),
+        PortMapStatus::Disabled => serde_json::json!({ "status": "off" }),
+        PortMapStatus::Probing => serde_json::json!({ "status": "probing" }),
+        PortMapStatus::Unavailable(why) => {
+            serde_json::json!({ "status": "unavailable", "reason": why })
+        }
+    }
+}
+
 pub fn run(args: NetcheckArgs) -> Result<ExitCode, String> {
     let mut driver = args.node.build()?;
     let mut app = NetcheckApp {
         started: None,
         requested: false,
         report: None,
+        portmap: driver.core().port_mapping().clone(),
+        report_at: None,
     };
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     driver
@@ -131,6 +198,7 @@ pub fn run(args: NetcheckArgs) -> Result<ExitCode, String> {
             "relay_rtt_ms": r.relay_rtt.map(|d| d.as_secs_f64() * 1000.0),
             "host_addrs": r.host_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "probes": probes,
+            "port_mapping": portmap_json(&app.portmap),
         });
         println!("{v}");
     } else {
@@ -152,6 +220,7 @@ pub fn run(args: NetcheckArgs) -> Result<ExitCode, String> {
             Some(d) => println!("relay rtt:       {}", fmt_rtt(d)),
             None => println!("relay rtt:       no answer"),
         }
+        println!("port mapping:    {}", portmap_line(&app.portmap));
         for a in &r.host_addrs {
             println!("host address:    {a}");
         }

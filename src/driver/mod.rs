@@ -5,5 +5,6 @@
 //! out their outputs.
 
 pub mod node;
+pub mod portmap;
 pub mod relay;
 pub mod udp;

@@ -9,6 +9,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, trace, warn};
 
+use super::portmap::{PortMapDriver, PortMapSettings};
 use super::udp::{RecvBuffers, UdpEndpoint};
 use crate::node::{NodeConfig, NodeCore, NodeEvent, Transmit};
 
@@ -37,6 +38,14 @@ const UDP4: Token = Token(0);
 const UDP6: Token = Token(1);
 const WAKE: Token = Token(2);
 const RELAY_BASE: usize = 16;
+/// Tokens of extra (hard-NAT punching) sockets: this plus their slab key. Far above any
+/// relay connection generation.
+const EXTRA_BASE: usize = 1 << 40;
+/// End of the extra-socket token range (the port-mapping driver's tokens lie above it).
+const EXTRA_END: usize = EXTRA_BASE + (1 << 32);
+
+/// How long before a precise deadline the loop stops sleeping in epoll and spins.
+const PRECISE_SPIN: Duration = Duration::from_millis(4);
 
 /// Most datagrams read from one socket per loop turn, so the relay connection and timers
 /// are served even under a flood.
@@ -89,6 +98,12 @@ pub struct NodeDriver {
     /// Sockets whose read budget ran out while still readable (edge-triggered readiness
     /// will not report them again): read again next turn, polling with a zero timeout.
     still_readable: Vec<Token>,
+    /// Extra sockets the core asked for (hard-NAT punching), by slab key = token offset.
+    extra: slab::Slab<UdpEndpoint>,
+    extra_by_addr: std::collections::HashMap<SocketAddr, usize>,
+    /// Router port mapping for the IPv4 socket, when enabled
+    /// ([`NodeDriver::enable_port_mapping`]); released on drop.
+    portmap: Option<PortMapDriver>,
 }
 
 impl std::fmt::Debug for NodeDriver {
@@ -194,7 +209,85 @@ impl NodeDriver {
             stop: None,
             waker,
             still_readable: Vec::new(),
+            extra: slab::Slab::new(),
+            extra_by_addr: std::collections::HashMap::new(),
+            portmap: None,
         })
+    }
+
+    /// Asks the router for a port mapping of the IPv4 socket (PCP, NAT-PMP, then UPnP IGD;
+    /// see [`crate::portmap`]): the mapped address becomes a candidate, is renewed while the
+    /// driver lives, and is deleted when it is dropped. Fails when there is no IPv4 default
+    /// gateway.
+    pub fn enable_port_mapping(&mut self, settings: PortMapSettings) -> io::Result<()> {
+        let now = Instant::now();
+        let mut pm = match PortMapDriver::start(
+            self.poll.registry(),
+            &settings,
+            self.udp4.local_addr().port(),
+            rand::random(),
+            now,
+        ) {
+            Ok(pm) => pm,
+            Err(e) => {
+                self.core.handle_port_mapping(
+                    now,
+                    crate::portmap::PortMapStatus::Unavailable(e.to_string()),
+                );
+                return Err(e);
+            }
+        };
+        pm.flush(now, self.poll.registry());
+        self.portmap = Some(pm);
+        self.portmap_turn(now);
+        Ok(())
+    }
+
+    /// Port mapping's share of a loop turn: timers, outputs, status changes to the core.
+    fn portmap_turn(&mut self, now: Instant) {
+        let Some(pm) = self.portmap.as_mut() else {
+            return;
+        };
+        pm.handle_timeout(now, self.poll.registry());
+        pm.flush(now, self.poll.registry());
+        while let Some(status) = pm.poll_status() {
+            self.core.handle_port_mapping(now, status);
+        }
+    }
+
+    /// Deletes the port mapping, waiting at most `wait` for the router to confirm (a
+    /// router that does not answer keeps the mapping until its lifetime runs out).
+    fn release_port_mapping(&mut self, wait: Duration) {
+        let Some(mut pm) = self.portmap.take() else {
+            return;
+        };
+        let start = Instant::now();
+        pm.release(start);
+        let mut events = Events::with_capacity(16);
+        for _ in 0..1000 {
+            let now = Instant::now();
+            pm.handle_timeout(now, self.poll.registry());
+            pm.flush(now, self.poll.registry());
+            if pm.is_released() || now >= start + wait {
+                break;
+            }
+            let timeout = pm
+                .poll_timeout()
+                .unwrap_or(start + wait)
+                .min(start + wait)
+                .saturating_duration_since(now);
+            if self.poll.poll(&mut events, Some(timeout)).is_err() {
+                break;
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                if pm.owns(ev.token()) {
+                    pm.handle_event(now, ev.token(), self.poll.registry());
+                }
+            }
+        }
+        debug!(released = pm.is_released(), "port mapping: deleted");
+        pm.close(self.poll.registry());
     }
 
     /// The core, for calls before [`NodeDriver::run`] (e.g. `connect`).
@@ -237,6 +330,7 @@ impl NodeDriver {
             if self.core.poll_timeout().is_some_and(|t| t <= now) {
                 self.core.handle_timeout(now);
             }
+            self.portmap_turn(now);
             // An event handled during the drain may change what the app wants to do now
             // (e.g. a path change starts the next phase): tick again until it is quiet.
             for _ in 0..8 {
@@ -254,13 +348,25 @@ impl NodeDriver {
             {
                 return Ok(());
             }
-            let next = [self.core.poll_timeout(), app.poll_timeout(), deadline]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                self.core.poll_timeout(),
+                app.poll_timeout(),
+                deadline,
+                self.portmap.as_ref().and_then(|p| p.poll_timeout()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
             // A blocked transmit waits for WRITABLE on its socket; poll at most 1 ms then.
-            let timeout = if !self.still_readable.is_empty() {
+            // A hard-NAT sweep burst must start within microseconds of the peer's (see
+            // `NodeCore::poll_precise_timeout`); epoll rounds to milliseconds, so spin for
+            // the last stretch (a few ms, rarely).
+            let precise_soon = self
+                .core
+                .poll_precise_timeout()
+                .is_some_and(|t| t.saturating_duration_since(Instant::now()) < PRECISE_SPIN);
+            let timeout = if !self.still_readable.is_empty() || precise_soon {
                 Some(Duration::ZERO)
             } else if self.blocked.is_some() {
                 Some(
@@ -283,9 +389,15 @@ impl NodeDriver {
             for event in events.iter() {
                 match event.token() {
                     UDP4 | UDP6 => self.read_udp(now, event.token())?,
+                    t if (EXTRA_BASE..EXTRA_END).contains(&t.0) => self.read_udp(now, t)?,
                     WAKE => {}
                     t if self.relay.as_ref().is_some_and(|r| r.token == t) => {
                         self.relay_ready(now, event.is_writable())
+                    }
+                    t if self.portmap.as_ref().is_some_and(|p| p.owns(t)) => {
+                        if let Some(pm) = self.portmap.as_mut() {
+                            pm.handle_event(now, t, self.poll.registry());
+                        }
                     }
                     t => trace!(?t, "stale event"),
                 }
@@ -296,8 +408,13 @@ impl NodeDriver {
     fn read_udp(&mut self, now: Instant, token: Token) -> io::Result<()> {
         let socket = if token == UDP4 {
             &self.udp4
-        } else {
+        } else if token == UDP6 {
             match &self.udp6 {
+                Some(s) => s,
+                None => return Ok(()),
+            }
+        } else {
+            match self.extra.get(token.0 - EXTRA_BASE) {
                 Some(s) => s,
                 None => return Ok(()),
             }
@@ -418,6 +535,10 @@ impl NodeDriver {
 
     fn send_udp(&mut self, t: &Transmit) -> io::Result<bool> {
         let socket = match t.source {
+            Some(src) if self.extra_by_addr.contains_key(&src) => self
+                .extra_by_addr
+                .get(&src)
+                .and_then(|&k| self.extra.get(k)),
             Some(src) if self.udp6.as_ref().is_some_and(|s| s.local_addr() == src) => {
                 self.udp6.as_ref()
             }
@@ -477,6 +598,11 @@ impl NodeDriver {
                 match ev {
                     NodeEvent::ConnectRelayTcp(addr) => self.open_relay(now, addr),
                     NodeEvent::CloseRelayTcp => self.close_relay(now, false),
+                    NodeEvent::OpenSockets { request, ports } => {
+                        let locals = self.open_extra(&ports);
+                        self.core.handle_sockets_opened(now, request, &locals);
+                    }
+                    NodeEvent::CloseSockets { locals } => self.close_extra(&locals),
                     other => {
                         app_events = true;
                         delivered = true;
@@ -494,6 +620,63 @@ impl NodeDriver {
         }
         warn!("drain did not settle");
         Ok(delivered)
+    }
+
+    /// Binds extra IPv4 sockets on the main socket's address; ports that fail are skipped.
+    fn open_extra(&mut self, ports: &[u16]) -> Vec<SocketAddr> {
+        let ip = self.udp4.local_addr().ip();
+        let mut locals = Vec::with_capacity(ports.len());
+        for &port in ports {
+            let mut socket = match UdpEndpoint::bind_extra(SocketAddr::new(ip, port)) {
+                Ok(s) => s,
+                Err(e) => {
+                    trace!(port, "extra socket: {e}");
+                    // Out of descriptors: the rest would fail too.
+                    if e.raw_os_error() == Some(libc::EMFILE)
+                        || e.raw_os_error() == Some(libc::ENFILE)
+                    {
+                        debug!(
+                            "extra sockets: out of file descriptors after {}",
+                            locals.len()
+                        );
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let entry = self.extra.vacant_entry();
+            let key = entry.key();
+            if self
+                .poll
+                .registry()
+                .register(socket.source(), Token(EXTRA_BASE + key), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let local = socket.local_addr();
+            entry.insert(socket);
+            self.extra_by_addr.insert(local, key);
+            locals.push(local);
+        }
+        debug!(
+            asked = ports.len(),
+            opened = locals.len(),
+            "extra sockets open"
+        );
+        locals
+    }
+
+    fn close_extra(&mut self, locals: &[SocketAddr]) {
+        for local in locals {
+            if let Some(key) = self.extra_by_addr.remove(local)
+                && self.extra.contains(key)
+            {
+                let mut socket = self.extra.remove(key);
+                let _ = self.poll.registry().deregister(socket.source());
+                self.still_readable.retain(|t| t.0 != EXTRA_BASE + key);
+            }
+        }
     }
 
     fn flush_relay(&mut self, now: Instant) {
@@ -540,5 +723,13 @@ impl NodeDriver {
                 conn.writable_interest = want;
             }
         }
+    }
+}
+
+impl Drop for NodeDriver {
+    fn drop(&mut self) {
+        // A clean exit deletes the router mapping (RFC 6886 §3.4, RFC 6887 §15: a client
+        // SHOULD delete mappings it no longer needs) rather than leaving a forwarded port.
+        self.release_port_mapping(Duration::from_secs(1));
     }
 }

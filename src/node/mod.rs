@@ -39,6 +39,7 @@ mod path;
 mod peer;
 mod punch;
 mod relay_session;
+mod spray;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -53,8 +54,10 @@ pub use discovery::{NetcheckReport, StunProbeResult, StunServerKind};
 pub use path::PathKind;
 pub use peer::PeerHandle;
 pub use punch::PunchConfig;
+pub use spray::SprayConfig;
 
 use crate::identity::Identity;
+use crate::portmap::PortMapStatus;
 use crate::wire::control::{
     self, Candidate, CandidateKind, ClientMsg, ConnectFailure, ErrorCode, NatReport, Register,
     Role, ServerMsg, UdpMsg,
@@ -217,6 +220,22 @@ pub enum NodeEvent {
     },
     /// A [`NodeCore::netcheck`] finished.
     NetcheckDone(NetcheckReport),
+    /// For the driver (like [`NodeEvent::ConnectRelayTcp`]): bind IPv4 UDP sockets on the
+    /// main socket's address at these ports (0: any free port) for hard-NAT punching, and
+    /// answer with [`NodeCore::handle_sockets_opened`] (also when none could be opened).
+    OpenSockets {
+        /// Echo this in the answer.
+        request: u64,
+        /// One socket per entry.
+        ports: Vec<u16>,
+    },
+    /// For the driver: close these sockets (from an earlier [`NodeEvent::OpenSockets`]).
+    CloseSockets {
+        /// Their local addresses, as reported in [`NodeCore::handle_sockets_opened`].
+        locals: Vec<SocketAddr>,
+    },
+    /// The router port mapping changed (see [`NodeCore::handle_port_mapping`]).
+    PortMapping(PortMapStatus),
 }
 
 /// Why a datagram or ping could not be sent.
@@ -311,6 +330,14 @@ pub struct NodeCore {
     /// Relayed packets that arrived on a channel before its introduction (UDP can overtake
     /// the relay's TCP message): replayed when the introduction arrives. Bounded.
     early_relayed: VecDeque<(Instant, ChannelId, Vec<u8>)>,
+    /// Outstanding socket requests: request id → (peer, ports asked).
+    socket_requests: HashMap<u64, (PeerHandle, usize)>,
+    next_socket_request: u64,
+    /// Spray sockets open or asked for, across peers (bounded by `spray::MAX_SOCKETS_TOTAL`).
+    spray_sockets: usize,
+    /// The router port mapping the driver holds for our UDP socket (issue 7): announced
+    /// as a `PortMapped` candidate while `Mapped`.
+    port_mapping: PortMapStatus,
 }
 
 impl NodeCore {
@@ -343,6 +370,10 @@ impl NodeCore {
             early_relayed: VecDeque::new(),
             pending_challenge: None,
             relay_epoch: 0,
+            socket_requests: HashMap::new(),
+            next_socket_request: 1,
+            spray_sockets: 0,
+            port_mapping: PortMapStatus::Disabled,
         }
     }
 
@@ -366,6 +397,24 @@ impl NodeCore {
     /// Whether the relay session is registered.
     pub fn is_registered(&self) -> bool {
         self.session.is_registered()
+    }
+
+    /// The driver's port mapping changed: a held mapping becomes a `PortMapped` candidate
+    /// (announced to the relay with `UpdateCandidates`, so current and future peers probe
+    /// it); anything else withdraws it. Emits [`NodeEvent::PortMapping`].
+    pub fn handle_port_mapping(&mut self, now: Instant, status: PortMapStatus) {
+        if self.port_mapping == status {
+            return;
+        }
+        debug!(?status, "port mapping");
+        self.port_mapping = status.clone();
+        self.events.push_back(NodeEvent::PortMapping(status));
+        self.maybe_update_candidates(now);
+    }
+
+    /// The port mapping as last reported by the driver.
+    pub fn port_mapping(&self) -> &PortMapStatus {
+        &self.port_mapping
     }
 
     /// What we measured of our NAT so far.
@@ -468,11 +517,27 @@ impl NodeCore {
             t = Some(t.map_or(x, |t| t.min(x)));
         }
         for h in self.peers.handles() {
-            if let Some(x) = self.peers.get(h).and_then(|p| p.punch.poll_timeout()) {
+            let Some(p) = self.peers.get(h) else { continue };
+            for x in [p.punch.poll_timeout(), p.reconnect_at]
+                .into_iter()
+                .flatten()
+            {
                 t = Some(t.map_or(x, |t| t.min(x)));
             }
         }
         t
+    }
+
+    /// The earliest timer that must not be rounded to a millisecond: a hard-NAT sweep
+    /// burst, whose two halves must start within tens of microseconds of each other. A
+    /// driver whose timers are coarser should spin (poll without blocking) for the last
+    /// stretch before it. `None` almost always.
+    pub fn poll_precise_timeout(&self) -> Option<Instant> {
+        self.peers
+            .handles()
+            .into_iter()
+            .filter_map(|h| self.peers.get(h).and_then(|p| p.punch.precise_deadline()))
+            .min()
     }
 
     // ------------------------------------------------------------------ inputs
@@ -514,6 +579,19 @@ impl NodeCore {
         }
 
         for h in self.peers.handles() {
+            let reconnect = self
+                .peers
+                .get(h)
+                .and_then(|p| p.reconnect_at)
+                .is_some_and(|t| t <= now);
+            if reconnect {
+                if let Some(p) = self.peers.get_mut(h) {
+                    p.reconnect_at = None;
+                }
+                if self.session.is_registered() {
+                    self.send_connect(h);
+                }
+            }
             let due = self
                 .peers
                 .get(h)
@@ -535,9 +613,90 @@ impl NodeCore {
         let upd = p
             .punch
             .on_timeout(now, &keys, &self.cfg.punch, &mut self.rng, &mut out);
+        self.send_spray_relayed(now, h);
         self.transmits.extend(out);
         if let Some(u) = upd {
             self.apply_path_update(now, h, old, u);
+        }
+        self.flush_socket_ops(h);
+    }
+
+    /// Turns a peer's socket requests into driver events, within the global budget.
+    fn flush_socket_ops(&mut self, h: PeerHandle) {
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
+        for op in p.punch.take_socket_ops() {
+            match op {
+                spray::SocketOp::Open(mut ports) => {
+                    let room = spray::MAX_SOCKETS_TOTAL.saturating_sub(self.spray_sockets);
+                    ports.truncate(room);
+                    let request = self.next_socket_request;
+                    self.next_socket_request += 1;
+                    self.spray_sockets += ports.len();
+                    self.socket_requests.insert(request, (h, ports.len()));
+                    if ports.is_empty() {
+                        debug!("spray socket budget exhausted");
+                    }
+                    self.events
+                        .push_back(NodeEvent::OpenSockets { request, ports });
+                }
+                spray::SocketOp::Close(locals) => {
+                    self.spray_sockets = self.spray_sockets.saturating_sub(locals.len());
+                    if !locals.is_empty() {
+                        self.events.push_back(NodeEvent::CloseSockets { locals });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The driver's answer to [`NodeEvent::OpenSockets`]: the sockets it bound (in the
+    /// order asked; ports that could not be bound left out).
+    pub fn handle_sockets_opened(&mut self, now: Instant, request: u64, locals: &[SocketAddr]) {
+        let Some((h, asked)) = self.socket_requests.remove(&request) else {
+            debug!(request, "sockets for no request: closing them");
+            if !locals.is_empty() {
+                self.events.push_back(NodeEvent::CloseSockets {
+                    locals: locals.to_vec(),
+                });
+            }
+            return;
+        };
+        // Count what is open, not what was asked.
+        self.spray_sockets = self.spray_sockets.saturating_sub(asked) + locals.len();
+        let Some(p) = self.peers.get_mut(h) else {
+            self.spray_sockets = self.spray_sockets.saturating_sub(locals.len());
+            if !locals.is_empty() {
+                self.events.push_back(NodeEvent::CloseSockets {
+                    locals: locals.to_vec(),
+                });
+            }
+            return;
+        };
+        let Some(keys) = p.intro else {
+            p.punch.stop();
+            self.flush_socket_ops(h);
+            return;
+        };
+        let mut out = Vec::new();
+        p.punch.on_sockets_opened(now, &keys, locals, &mut out);
+        self.send_spray_relayed(now, h);
+        self.transmits.extend(out);
+        self.flush_socket_ops(h);
+        self.peer_timeout(now, h);
+    }
+
+    /// Sends what the peer's spray wants relayed (`Ready` must precede the burst queued in
+    /// the same call: the peer starts its half when it arrives).
+    fn send_spray_relayed(&mut self, now: Instant, h: PeerHandle) {
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
+        let Some(keys) = p.intro else { return };
+        for (kind, txid) in p.punch.take_relayed() {
+            let packet = punch::encode_packet(&keys, kind, txid, None);
+            self.send_relayed(now, keys.channel, &packet);
         }
     }
 
@@ -613,7 +772,8 @@ impl NodeCore {
             {
                 Some(h) => {
                     if let Some(p) = self.peers.get_mut(h) {
-                        p.punch.note_received(now, from, &self.cfg.punch);
+                        p.punch
+                            .note_received(now, Some(local), from, &self.cfg.punch);
                         let peer = p.id;
                         let bytes = self.rx_copy(packet);
                         self.events.push_back(NodeEvent::Datagram { peer, bytes });
@@ -858,6 +1018,15 @@ impl NodeCore {
                 kind: CandidateKind::ServerReflexive,
             });
         }
+        if let PortMapStatus::Mapped(m) = &self.port_mapping
+            && crate::portmap::is_announceable(m.external)
+            && !v.iter().any(|c| c.addr == m.external)
+        {
+            v.push(Candidate {
+                addr: m.external,
+                kind: CandidateKind::PortMapped,
+            });
+        }
         for a in &self.cfg.local_addrs {
             if !a.ip().is_unspecified() && !v.iter().any(|c| c.addr == *a) {
                 v.push(Candidate {
@@ -967,6 +1136,17 @@ impl NodeCore {
                     && p.pending_request == Some(request_id)
                 {
                     p.pending_request = None;
+                    if reason == ConnectFailure::UnknownPeer && p.wanted && p.intro.is_some() {
+                        // We knew this peer: after a relay restart it may simply not have
+                        // re-registered yet. Ask again with backoff (1 s doubling to 30 s)
+                        // rather than give up on a pair the application still wants.
+                        let wait = p.reconnect_backoff.map_or(Duration::from_secs(1), |d| {
+                            (d * 2).min(Duration::from_secs(30))
+                        });
+                        p.reconnect_backoff = Some(wait);
+                        p.reconnect_at = Some(now + wait);
+                        debug!(peer = %peer.short(), ?wait, "peer not at the relay yet; asking again later");
+                    }
                     self.events.push_back(NodeEvent::ConnectFailed {
                         peer,
                         reason,
@@ -984,6 +1164,7 @@ impl NodeCore {
                     {
                         p.punch.stop();
                     }
+                    self.flush_socket_ops(h);
                     self.events.push_back(NodeEvent::PeerGone { peer });
                 }
             }
@@ -1068,13 +1249,32 @@ impl NodeCore {
             if intro.request_id.is_some() && p.pending_request == intro.request_id {
                 p.pending_request = None;
             }
+            p.reconnect_at = None;
+            p.reconnect_backoff = None;
             let candidates: &[_] = if self.cfg.relay_only {
                 &[]
             } else {
                 &intro.candidates
             };
             p.punch.start(now, candidates, intro.nat, fam);
+            if !self.cfg.relay_only {
+                let attempts = p.punch.attempts();
+                p.punch.plan_spray(
+                    now,
+                    &self.cfg.punch,
+                    spray::PlanInputs {
+                        ours: self.nat,
+                        peer: intro.nat,
+                        role: intro.role,
+                        peer_candidates: &intro.candidates,
+                        nonce: &intro.punch_nonce,
+                        attempts,
+                    },
+                    &mut self.rng,
+                );
+            }
         }
+        self.flush_socket_ops(h);
         debug!(peer = %peer.short(), role = ?intro.role, candidates = ?intro.candidates, "introduced");
         self.events.push_back(NodeEvent::Introduced {
             peer,
@@ -1165,8 +1365,8 @@ impl NodeCore {
             return;
         }
         let peer_id = p.id;
-        if let Via::Direct { from, .. } = via {
-            p.punch.note_received(now, from, &self.cfg.punch);
+        if let Via::Direct { local, from } = via {
+            p.punch.note_received(now, local, from, &self.cfg.punch);
             self.peers.validate_addr(h, from);
         }
         let Some(p) = self.peers.get_mut(h) else {
@@ -1196,6 +1396,14 @@ impl NodeCore {
             (PunchType::Ping, via) => {
                 // Pings are rare (the application's `burrow ping`): cheap to log.
                 debug!(peer = %peer_id.short(), relayed = matches!(via, Via::Relay), "ping received");
+                if let Via::Direct { local, from } = via {
+                    let old = p.punch.direct().map(|d| d.remote);
+                    let update = p.punch.on_peer_ping(now, local, from);
+                    self.peers.pin_addr(h, from);
+                    if let Some(u) = update {
+                        self.apply_path_update(now, h, old, u);
+                    }
+                }
                 let reply = punch::encode_packet(
                     &keys,
                     PunchType::Pong,
@@ -1227,12 +1435,21 @@ impl NodeCore {
                             rtt: now.saturating_duration_since(ping.sent),
                         });
                     }
-                } else if !p.punch.owns(pkt.txid) {
+                } else if p.punch.owns(pkt.txid) {
+                    p.punch.on_pong(now, pkt.txid);
+                    self.send_spray_relayed(now, h);
+                    self.peer_timeout(now, h);
+                } else {
                     trace!("pong for no ping");
                 }
             }
-            (kind, Via::Relay) => trace!(?kind, "probe/ack over the relay ignored"),
+            (PunchType::Ready, Via::Relay) => {
+                p.punch.on_ready(now, pkt.txid);
+                self.peer_timeout(now, h);
+            }
+            (kind, via) => trace!(?kind, ?via, "punch packet on the wrong path ignored"),
         }
+        self.flush_socket_ops(h);
     }
 
     fn send_relayed(&mut self, now: Instant, ch: ChannelId, payload: &[u8]) {
@@ -1312,7 +1529,10 @@ fn new_peer(id: PeerId) -> Peer {
         channel_live: false,
         punch: PunchState::default(),
         validated: Vec::new(),
+        pinned: None,
         intro_epoch: 0,
+        reconnect_at: None,
+        reconnect_backoff: None,
     }
 }
 

@@ -59,12 +59,21 @@ pub(crate) struct Peer {
     /// QUIC datagrams are accepted from these too, so the two sides may pick different
     /// direct paths (say, LAN one way, public the other) without losing data.
     pub validated: Vec<SocketAddr>,
+    /// The validated address the peer last pinged us from: its chosen direct path. Never
+    /// pushed out of `validated` by newer addresses (a hard-NAT spray brings hundreds).
+    pub pinned: Option<SocketAddr>,
     /// The node's relay epoch (registration count) when `intro` arrived.
     pub intro_epoch: u64,
+    /// When to ask the relay for this (wanted, known) peer again after it was unknown there.
+    pub reconnect_at: Option<std::time::Instant>,
+    /// The last wait before `reconnect_at` (doubles).
+    pub reconnect_backoff: Option<std::time::Duration>,
 }
 
-/// Most validated addresses remembered per peer.
-const MAX_VALIDATED: usize = 8;
+/// Most validated addresses remembered per peer. Usually a handful; a hard-NAT spray
+/// (`super::spray`, 256 sockets) can validate one per socket of the peer, and the one the
+/// peer ends up sending from must not have been pushed out by the others.
+const MAX_VALIDATED: usize = 320;
 
 /// The slab plus its indexes. All mutations of indexed fields go through here so the maps
 /// never disagree with the entries.
@@ -142,7 +151,12 @@ impl PeerTable {
         }
         p.validated.retain(|a| *a != addr);
         let evicted = if p.validated.len() >= MAX_VALIDATED {
-            Some(p.validated.remove(0))
+            let oldest = p
+                .validated
+                .iter()
+                .position(|a| Some(*a) != p.pinned)
+                .unwrap_or(0);
+            Some(p.validated.remove(oldest))
         } else {
             None
         };
@@ -153,6 +167,14 @@ impl PeerTable {
             self.by_validated.remove(&old);
         }
         self.by_validated.insert(addr, h);
+    }
+
+    /// Validates `addr` and pins it: the peer's own direct path (it pinged us from there).
+    pub fn pin_addr(&mut self, h: PeerHandle, addr: SocketAddr) {
+        self.validate_addr(h, addr);
+        if let Some(p) = self.get_mut(h) {
+            p.pinned = Some(addr);
+        }
     }
 
     /// Installs a (new) introduction, replacing the channel and tag indexes of the old one.
@@ -240,6 +262,9 @@ mod tests {
             channel_live: false,
             punch: PunchState::default(),
             validated: Vec::new(),
+            pinned: None,
+            reconnect_at: None,
+            reconnect_backoff: None,
             intro_epoch: 0,
         }
     }
@@ -276,16 +301,24 @@ mod tests {
         assert_eq!(t.by_direct(addr), Some(a));
         t.set_direct(a, Some(addr), None);
         assert_eq!(t.by_direct(addr), None);
-        for port in 0..20 {
+        // The peer's own path (it pinged us from there) survives a flood of others.
+        t.pin_addr(a, SocketAddr::new(addr.ip(), 1));
+        let n = MAX_VALIDATED as u16 + 20;
+        for port in 2..n {
             t.validate_addr(a, SocketAddr::new(addr.ip(), port));
         }
         assert_eq!(t.get(a).unwrap().validated.len(), MAX_VALIDATED);
         assert_eq!(
-            t.by_validated(SocketAddr::new(addr.ip(), 0)),
+            t.by_validated(SocketAddr::new(addr.ip(), 2)),
             None,
             "evicted"
         );
-        assert_eq!(t.by_validated(SocketAddr::new(addr.ip(), 19)), Some(a));
+        assert_eq!(
+            t.by_validated(SocketAddr::new(addr.ip(), 1)),
+            Some(a),
+            "pinned"
+        );
+        assert_eq!(t.by_validated(SocketAddr::new(addr.ip(), n - 1)), Some(a));
         assert_eq!(t.len(), 1);
     }
 }

@@ -52,6 +52,7 @@ use tracing::{debug, trace};
 
 use super::Transmit;
 use super::peer::IntroKeys;
+use super::spray::{self, PlanInputs, SocketOp, Spray, SprayConfig};
 use crate::wire::control::{
     Candidate, CandidateKind, MappingBehavior, NatReport, PortAllocation, Role,
 };
@@ -75,6 +76,8 @@ pub struct PunchConfig {
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
+    /// Hard-NAT punching (many sockets / many ports, see [`super::spray`]).
+    pub spray: SprayConfig,
 }
 
 impl Default for PunchConfig {
@@ -87,6 +90,7 @@ impl Default for PunchConfig {
             path_timeout: Duration::from_millis(6500),
             retry_min: Duration::from_secs(30),
             retry_max: Duration::from_secs(120),
+            spray: SprayConfig::default(),
         }
     }
 }
@@ -157,6 +161,9 @@ pub(crate) enum PathUpdate {
     RetryDue,
 }
 
+/// Failed sweeps retried at once (each with fresh ports) before the normal backoff.
+const MAX_QUICK_SWEEPS: u32 = 4;
+
 /// Candidates probed back to back (unpaced) in the first round.
 const FIRST_ROUND_BURST: usize = 16;
 /// Most outstanding probe/ping transaction IDs remembered.
@@ -177,6 +184,18 @@ pub(crate) struct PunchState {
     outstanding: Vec<u64>,
     /// When the current punching attempt started (for time-to-direct).
     pub attempt_started: Option<Instant>,
+    /// Attempts since the last direct path (the current one included).
+    attempts: u32,
+    /// This attempt ends after `spray.escalate_after` and is retried at once (as a sweep).
+    escalate: bool,
+    /// Failed sweeps since the last direct path (the first few are retried at once).
+    sweeps: u32,
+    /// The current or last hard-NAT attempt.
+    spray: Option<Spray>,
+    /// Spray sockets kept open for the direct path (ours and the one the peer chose).
+    kept_sockets: Vec<SocketAddr>,
+    /// Socket requests for the driver.
+    ops: Vec<SocketOp>,
 }
 
 fn send(
@@ -290,6 +309,8 @@ impl PunchState {
         }
         self.retry_at = None;
         self.attempt_started = Some(now);
+        self.attempts = self.attempts.saturating_add(1);
+        self.escalate = false;
         self.probing = Some(Probing {
             started: now,
             next_send: now,
@@ -310,13 +331,142 @@ impl PunchState {
     /// punch nonce) means the peer started a new session, possibly from another socket, and
     /// the old path can no longer be authenticated.
     pub fn forget_direct(&mut self) -> bool {
-        self.direct.take().is_some()
+        let had = self.direct.take().is_some();
+        self.release_kept_socket();
+        had
     }
 
     /// Stops everything (peer gone for good).
     pub fn stop(&mut self) {
         self.probing = None;
         self.retry_at = None;
+        if let Some(s) = self.spray.as_mut() {
+            s.finish();
+        }
+        if self.direct.is_none() {
+            self.release_kept_socket();
+        }
+    }
+
+    fn release_kept_socket(&mut self) {
+        if let Some(s) = self.spray.as_mut() {
+            // Still settling: close them all now.
+            s.finish();
+            self.ops.extend(s.take_ops());
+        }
+        if !self.kept_sockets.is_empty() {
+            self.ops
+                .push(SocketOp::Close(std::mem::take(&mut self.kept_sockets)));
+        }
+    }
+
+    /// An authenticated ping from the peer arrived on `local` from `from`: the peer's
+    /// direct path. After a spray the two sides may have confirmed different port pairs
+    /// (each takes the first ack it gets); the prober, which has one socket, follows the
+    /// peer's choice when it differs only in the port, so both use one pair and the
+    /// opener's other sockets can close.
+    pub fn on_peer_ping(
+        &mut self,
+        now: Instant,
+        local: Option<SocketAddr>,
+        from: SocketAddr,
+    ) -> Option<PathUpdate> {
+        let s = self.spray.as_mut()?;
+        if let Some(l) = local {
+            s.note_heard(l);
+        }
+        let d = self.direct.as_mut()?;
+        if d.remote == from || d.remote.ip() != from.ip() || d.local != local {
+            return None;
+        }
+        debug!(old = %d.remote, new = %from, "following the peer's choice of direct path");
+        d.remote = from;
+        d.last_rx = now;
+        Some(PathUpdate::Direct(from))
+    }
+
+    /// Attempts since the last direct path, the current one included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Decides on a hard-NAT attempt for a new introduction (after [`PunchState::start`]).
+    /// Two port-preserving EIM NATs that get no hard-NAT attempt yet have their plain
+    /// attempt shortened: if it fails, the retry is a sweep.
+    pub fn plan_spray(
+        &mut self,
+        now: Instant,
+        cfg: &PunchConfig,
+        inputs: PlanInputs<'_>,
+        rng: &mut ChaCha20Rng,
+    ) {
+        if let Some(old) = self.spray.as_mut() {
+            old.finish();
+            self.ops.extend(old.take_ops());
+        }
+        if self.direct.is_some() {
+            self.spray = None;
+            return;
+        }
+        self.spray = spray::plan(now, &cfg.spray, inputs, rng);
+        self.escalate = self.spray.is_none()
+            && cfg.spray.enabled
+            && self.probing.is_some()
+            && spray::sweep_candidate(&inputs.ours, &inputs.peer);
+        if let Some(s) = self.spray.as_mut() {
+            self.ops.extend(s.take_ops());
+        }
+    }
+
+    /// Socket requests for the driver, oldest first.
+    pub fn take_socket_ops(&mut self) -> Vec<SocketOp> {
+        let mut ops = std::mem::take(&mut self.ops);
+        if let Some(s) = self.spray.as_mut() {
+            ops.extend(s.take_ops());
+        }
+        ops
+    }
+
+    /// The driver opened the sockets of our spray request.
+    pub fn on_sockets_opened(
+        &mut self,
+        now: Instant,
+        keys: &IntroKeys,
+        locals: &[SocketAddr],
+        out: &mut Vec<Transmit>,
+    ) {
+        match self.spray.as_mut() {
+            Some(s) => s.on_sockets_opened(now, keys, locals, out),
+            None => self.ops.push(SocketOp::Close(locals.to_vec())),
+        }
+    }
+
+    /// Punch packets the spray wants sent over the relay (type, txid), to go out before
+    /// the transmits of the same call.
+    pub fn take_relayed(&mut self) -> Vec<(PunchType, u64)> {
+        self.spray
+            .as_mut()
+            .map(|s| s.take_relayed())
+            .unwrap_or_default()
+    }
+
+    /// A pong (over any path) for one of our txids.
+    pub fn on_pong(&mut self, now: Instant, txid: u64) {
+        if let Some(s) = self.spray.as_mut() {
+            s.on_pong(now, txid);
+        }
+    }
+
+    /// The peer's spray sockets are open; start after `delay_us`.
+    pub fn on_ready(&mut self, now: Instant, delay_us: u64) {
+        if let Some(s) = self.spray.as_mut() {
+            s.on_ready(now, delay_us);
+        }
+    }
+
+    /// A timer the driver should meet to the microsecond (a sweep burst), if any.
+    pub fn precise_deadline(&self) -> Option<Instant> {
+        self.spray.as_ref().and_then(|s| s.precise_deadline())
     }
 
     /// The earliest instant this state wants [`PunchState::on_timeout`].
@@ -326,6 +476,7 @@ impl PunchState {
             self.retry_at,
             self.direct.and_then(|d| d.next_keepalive),
             self.direct.and_then(|d| d.next_ping_retx),
+            self.spray.as_ref().and_then(|s| s.poll_timeout()),
         ];
         t.sort();
         t.into_iter().flatten().next()
@@ -356,6 +507,7 @@ impl PunchState {
             {
                 debug!(remote = %d.remote, "direct path dead: no answer");
                 self.direct = None;
+                self.release_kept_socket();
                 update = Some(PathUpdate::Lost);
                 self.backoff = Duration::ZERO;
                 self.begin(now);
@@ -375,6 +527,16 @@ impl PunchState {
                 return Some(PathUpdate::RetryDue);
             }
         }
+        if let Some(s) = self.spray.as_mut() {
+            s.on_timeout(now, keys, &cfg.spray, out);
+            self.ops.extend(s.take_ops());
+            let kept = s.take_kept();
+            if self.direct.is_some() {
+                self.kept_sockets.extend(kept);
+            } else if !kept.is_empty() {
+                self.ops.push(SocketOp::Close(kept));
+            }
+        }
         // Bounded: at most one round's worth of probes per call.
         let mut budget = self.cands.len() + 1;
         while let Some(mut p) = self.probing {
@@ -382,9 +544,30 @@ impl PunchState {
                 break;
             }
             budget -= 1;
-            if now.saturating_duration_since(p.started) >= cfg.punch_duration {
+            let sweeping = self
+                .spray
+                .as_ref()
+                .is_some_and(|s| s.technique() == spray::Technique::Sweep);
+            // A sweep succeeds within a round trip of its burst or not at all.
+            let duration = if self.escalate || sweeping {
+                cfg.spray.escalate_after
+            } else {
+                cfg.punch_duration
+            };
+            if now.saturating_duration_since(p.started) >= duration {
                 self.probing = None;
-                if self.direct.is_none() {
+                if self.direct.is_none()
+                    && (self.escalate || (sweeping && self.sweeps < MAX_QUICK_SWEEPS))
+                {
+                    // Fresh port pairs do not meet the old clash entries: retry at once.
+                    self.escalate = false;
+                    self.sweeps += u32::from(sweeping);
+                    self.retry_at = Some(now);
+                    debug!(
+                        sweeps = self.sweeps,
+                        "punching between two EIM NATs failed; retrying as a sweep"
+                    );
+                } else if self.direct.is_none() {
                     self.backoff = (self.backoff * 2).clamp(cfg.retry_min, cfg.retry_max);
                     let jitter = rng.random_range(0..=self.backoff.as_millis() as u64 / 4);
                     self.retry_at = Some(now + self.backoff + Duration::from_millis(jitter));
@@ -431,6 +614,7 @@ impl PunchState {
         let Some(d) = self.direct.as_mut() else {
             return;
         };
+        trace!(to = %d.remote, local = ?d.local, "path ping");
         send(keys, PunchType::Ping, txid, None, d.local, d.remote, out);
         d.ping_outstanding_since.get_or_insert(now);
         d.next_ping_retx = Some(now + Duration::from_secs(1));
@@ -449,7 +633,17 @@ impl PunchState {
     }
 
     /// Something authenticated (or QUIC) arrived from `from`: proof the path is alive.
-    pub fn note_received(&mut self, now: Instant, from: SocketAddr, cfg: &PunchConfig) {
+    pub fn note_received(
+        &mut self,
+        now: Instant,
+        local: Option<SocketAddr>,
+        from: SocketAddr,
+        cfg: &PunchConfig,
+    ) {
+        // A spray socket the peer sends on (its chosen path) must outlive the settling.
+        if let (Some(s), Some(l)) = (self.spray.as_mut(), local) {
+            s.note_heard(l);
+        }
         if let Some(d) = self.direct.as_mut()
             && d.remote == from
         {
@@ -510,7 +704,8 @@ impl PunchState {
         txid: u64,
         cfg: &PunchConfig,
     ) -> Option<PathUpdate> {
-        if !self.outstanding.contains(&txid) {
+        let spray_probe = self.spray.as_ref().is_some_and(|s| s.owns(txid));
+        if !self.outstanding.contains(&txid) && !spray_probe {
             trace!(%from, "ack for an unknown probe");
             return None;
         }
@@ -524,13 +719,22 @@ impl PunchState {
                 return None;
             }
         }
-        debug!(%from, ?source, "direct path confirmed");
+        debug!(%from, ?source, ?local, "direct path confirmed");
+        if let Some(s) = self.spray.as_mut() {
+            s.succeed(now, local);
+        }
+        self.attempts = 0;
+        self.escalate = false;
+        self.sweeps = 0;
         self.direct = Some(Direct {
             local,
             remote: from,
             source,
             last_rx: now,
-            next_keepalive: cfg.keepalive.map(|k| now + k),
+            // A ping at once tells the peer which of its addresses we chose (it accepts
+            // data only from addresses that sent it something authenticated, and after a
+            // spray of probes the one we use may have been pushed out of that list).
+            next_keepalive: cfg.keepalive.map(|_| now),
             ping_outstanding_since: None,
             next_ping_retx: None,
         });
@@ -544,7 +748,7 @@ impl PunchState {
 
     /// Whether `txid` is one of ours (for pongs on any path).
     pub fn owns(&self, txid: u64) -> bool {
-        self.outstanding.contains(&txid)
+        self.outstanding.contains(&txid) || self.spray.as_ref().is_some_and(|s| s.owns(txid))
     }
 }
 
@@ -629,7 +833,7 @@ mod tests {
         }
         let (u, at) = lost.expect("path never declared dead");
         assert_eq!(u, PathUpdate::Lost);
-        assert!(at >= t0 + cfg.keepalive.unwrap() + cfg.path_timeout);
+        assert!(at >= t0 + cfg.path_timeout);
         assert!(p.is_probing(), "punching restarts after a path dies");
     }
 

@@ -23,6 +23,9 @@ use super::metrics::Metrics;
 use super::session::{Registration, Session, SessionState, UdpBinding};
 use super::stun_server::{StunOutcome, StunReply, StunResponder};
 
+mod segments;
+pub use self::segments::ForwardRun;
+
 /// The driver's handle for one TCP connection. Chosen by the caller (the relay driver packs
 /// a slab key and a generation into it; a simulator may count up). It must not be reused
 /// while the core still knows it, i.e. before `handle_tcp_closed` for it returned.

@@ -62,6 +62,12 @@ pub struct Metrics {
     /// See `relayed_bytes_udp_udp`.
     pub relayed_bytes_tcp_tcp: u64,
 
+    /// UDP buffers that arrived as a GRO batch (several datagrams from one sender in one
+    /// buffer), and the datagrams they held.
+    pub udp_gro_buffers: u64,
+    /// See `udp_gro_buffers`.
+    pub udp_gro_segments: u64,
+
     /// Dropped: UDP datagram that is nothing the relay speaks, or malformed.
     pub drop_malformed: u64,
     /// Dropped: relay data from an address not bound to a session.
@@ -268,6 +274,18 @@ impl Metrics {
             "protocol_violations",
             "Sessions closed for a protocol violation.",
             self.protocol_violations,
+        );
+        counter(
+            &mut s,
+            "udp_gro_buffers",
+            "UDP buffers received as a GRO batch of several datagrams.",
+            self.udp_gro_buffers,
+        );
+        counter(
+            &mut s,
+            "udp_gro_segments",
+            "Datagrams received inside GRO batches.",
+            self.udp_gro_segments,
         );
         s
     }

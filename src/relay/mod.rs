@@ -19,7 +19,7 @@ pub mod session;
 pub mod stun_server;
 
 pub use self::config::{Limits, RelayConfig};
-pub use self::core::{ConnId, Event, Forward, RelayCore, Transmit};
+pub use self::core::{ConnId, Event, Forward, ForwardRun, RelayCore, Transmit};
 pub use self::metrics::Metrics;
 
 /// Scenarios of the real node core against the real relay core in the simulator (the

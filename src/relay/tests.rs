@@ -1319,3 +1319,161 @@ fn per_ip_limits_count_an_ipv6_slash_64_as_one_client() {
         [ServerMsg::Challenge { .. }]
     ));
 }
+
+// ---------------------------------------------------------------------------------------
+// GRO batches (handle_udp_segments)
+// ---------------------------------------------------------------------------------------
+
+const UDP_C: &str = "203.0.113.30:3333";
+
+/// A introduced to B (channel ab) and to C (channel ac), all bound on UDP.
+fn triangle(h: &mut Harness) -> (ChannelId, ChannelId) {
+    let (ida, idb) = ids();
+    let idc = Identity::from_secret([3; 32]);
+    let (a, _, ab) = h.pair(&ida, &idb);
+    let (c, tc) = h.register(&idc);
+    h.bind(tc, addr(UDP_C));
+    h.send(
+        a,
+        &ClientMsg::Connect {
+            peer: idc.peer_id(),
+            request_id: 10,
+        },
+    );
+    let ac = match h.take_msgs(a).as_slice() {
+        [ServerMsg::Introduce(i)] => i.channel,
+        other => panic!("A expected Introduce, got {other:?}"),
+    };
+    h.take_msgs(c);
+    (ab, ac)
+}
+
+/// `packets` concatenated, with `seg` the size of all but the last.
+fn gro_buffer(packets: &[Vec<u8>]) -> Vec<u8> {
+    packets.concat()
+}
+
+fn segments(h: &mut Harness, from: &str, buf: &[u8], seg: usize) -> Vec<ForwardRun> {
+    let mut out = Vec::new();
+    let relay = h.relay;
+    h.core
+        .handle_udp_segments(h.now, relay, addr(from), buf, seg, &mut out);
+    h.pump();
+    out
+}
+
+#[test]
+fn gro_buffer_with_two_destinations_is_split_into_runs() {
+    let mut h = Harness::new();
+    let (ab, ac) = triangle(&mut h);
+    let p = |ch, b: u8| data(ch, &[b; 92]); // 100 bytes each
+    // B B C C C B, last one shorter.
+    let mut pkts = vec![p(ab, 1), p(ab, 2), p(ac, 3), p(ac, 4), p(ac, 5)];
+    pkts.push(data(ab, &[6; 40]));
+    let buf = gro_buffer(&pkts);
+    let runs = segments(&mut h, UDP_A, &buf, 100);
+    let to = |d: &str| Forward {
+        source: h.relay,
+        destination: addr(d),
+    };
+    assert_eq!(
+        runs,
+        vec![
+            ForwardRun {
+                forward: to(UDP_B),
+                offset: 0,
+                len: 200,
+                segment_len: 100
+            },
+            ForwardRun {
+                forward: to(UDP_C),
+                offset: 200,
+                len: 300,
+                segment_len: 100
+            },
+            ForwardRun {
+                forward: to(UDP_B),
+                offset: 500,
+                len: 48,
+                segment_len: 100
+            },
+        ]
+    );
+    assert_eq!(runs[1].segments(), 3);
+    let m = h.core.metrics();
+    assert_eq!(m.relayed_packets_udp_udp, 6);
+    assert_eq!(m.relayed_bytes_udp_udp, 548);
+    assert_eq!((m.udp_gro_buffers, m.udp_gro_segments), (1, 6));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A GRO buffer handled at once forwards exactly what handling its segments one by one
+    /// forwards, with the same metrics: mixed channels, an unknown channel, garbage and
+    /// control segments, a shorter last segment, and a bandwidth bucket that runs out.
+    #[test]
+    fn gro_buffer_equals_its_segments_one_by_one(
+        kinds in proptest::collection::vec(0u8..6, 1..64),
+        seg in 12usize..300,
+        short_last in proptest::option::of(12usize..300),
+        tight_bucket in any::<bool>(),
+    ) {
+        let make = || {
+            let mut h = Harness::with(|c| {
+                if tight_bucket {
+                    c.limits.relay_bytes_per_sec = 1_000;
+                    c.limits.relay_burst_bytes = 3_000;
+                }
+            });
+            let channels = triangle(&mut h);
+            (h, channels)
+        };
+        let (mut whole, (ab, ac)) = make();
+        let (mut single, _) = make();
+        // A shorter last segment only without a bucket limit (with one, the batch cuts a
+        // run at its first refusal while one by one a shorter last packet may still pass).
+        let short_last = short_last.filter(|&l| l < seg && !tight_bucket);
+        let mut packets = Vec::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            let len = match short_last {
+                Some(l) if i + 1 == kinds.len() => l,
+                _ => seg,
+            };
+            let mut p = match kind {
+                0 | 1 => data(ab, &vec![i as u8; len - relay_data::HEADER_LEN]),
+                2 | 3 => data(ac, &vec![i as u8; len - relay_data::HEADER_LEN]),
+                4 => data(ChannelId(0xDEAD_BEEF), &vec![0; len - relay_data::HEADER_LEN]),
+                _ => vec![0xEE; len],
+            };
+            p.truncate(len);
+            packets.push(p);
+        }
+        let buf = packets.concat();
+        let runs = segments(&mut whole, UDP_A, &buf, seg);
+        let mut expanded = Vec::new();
+        for r in &runs {
+            prop_assert!(r.len > 0 && r.offset + r.len <= buf.len());
+            for (k, chunk) in buf[r.offset..r.offset + r.len].chunks(seg).enumerate() {
+                expanded.push((r.offset + k * seg, chunk.len(), r.forward));
+            }
+        }
+        let mut one_by_one = Vec::new();
+        let mut offset = 0;
+        for p in &packets {
+            if let Some(f) = single.udp(addr(UDP_A), p) {
+                one_by_one.push((offset, p.len(), f));
+            }
+            offset += p.len();
+        }
+        prop_assert_eq!(expanded, one_by_one);
+        let mut m = whole.core.metrics().clone();
+        let n = single.core.metrics().clone();
+        if kinds.len() > 1 {
+            prop_assert_eq!((m.udp_gro_buffers, m.udp_gro_segments), (1, kinds.len() as u64));
+        }
+        m.udp_gro_buffers = 0;
+        m.udp_gro_segments = 0;
+        prop_assert_eq!(m, n);
+    }
+}

@@ -61,11 +61,6 @@ impl Kind {
     fn hard(self) -> bool {
         matches!(self, Kind::SymRandom | Kind::SymSequential)
     }
-
-    /// Inbound from a new port of an IP we already sent to gets through.
-    fn lenient(self) -> bool {
-        matches!(self, Kind::NoNat | Kind::FullCone | Kind::Restricted)
-    }
 }
 
 /// Expected path name on each side.
@@ -83,11 +78,23 @@ pub(crate) fn expected(a: Kind, b: Kind) -> (&'static str, &'static str) {
     let direct = match (a.hard(), b.hard()) {
         (false, false) => true,
         (true, true) => false,
-        // One hard side: its probes come from a port the other side never saw. A lenient
-        // filter lets them in (then peer-reflexive + triggered checks finish the job); a
-        // strict one does too when the hard side allocates sequentially (predicted ports).
-        (true, false) => b.lenient() || a == Kind::SymSequential,
-        (false, true) => a.lenient() || b == Kind::SymSequential,
+        // One hard side: the birthday spray (256 sockets there, up to 2,048 probed ports
+        // here; prediction first for sequential allocation) goes direct, except against a
+        // bare masquerade with random ports: the hard side's 256 probes arrive first and
+        // leave conntrack clash entries on exactly the ports the easy side must then probe.
+        // Loss can spare some of them, so that pair may go either way.
+        (true, false) => {
+            if b == Kind::Masquerade && a == Kind::SymRandom {
+                return ("either", "either");
+            }
+            true
+        }
+        (false, true) => {
+            if a == Kind::Masquerade && b == Kind::SymRandom {
+                return ("either", "either");
+            }
+            true
+        }
     };
     if direct {
         ("direct", "direct")
@@ -133,7 +140,13 @@ fn nat_matrix() {
                 // Data must flow both ways: at 20 % loss a relayed datagram crosses two
                 // lossy legs (64 %, 32 of 50 expected), so demand a quarter, and everything at 0 %.
                 let need = if loss == 0.0 { r.sent } else { r.sent / 4 };
-                if name(r.path_a) != ea || name(r.path_b) != eb || r.got_a < need || r.got_b < need
+                let path_ok = |got: &str, want: &str| {
+                    got == want || (want == "either" && (got == "direct" || got == "relay-udp"))
+                };
+                if !path_ok(name(r.path_a), ea)
+                    || !path_ok(name(r.path_b), eb)
+                    || r.got_a < need
+                    || r.got_b < need
                 {
                     failures.push(format!(
                         "seed {seed:#x}: {a:?} x {b:?} at {:.0} % loss: paths {}/{} (want {ea}/{eb}), received {}/{} of {} each way",

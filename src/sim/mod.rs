@@ -143,12 +143,21 @@ pub struct Host {
     /// Datagrams received: (virtual time, from, bytes).
     pub received: Vec<(Duration, PeerId, Vec<u8>)>,
     tcp: Option<u64>,
+    /// Extra sockets the node opened (hard-NAT punching), on the host's IP.
+    pub extra_sockets: Vec<SocketAddr>,
+    /// Most extra sockets open at once over the run.
+    pub max_extra_sockets: usize,
 }
 
 impl Host {
     /// The node's peer ID.
     pub fn peer_id(&self) -> PeerId {
         self.node.peer_id()
+    }
+
+    /// Whether `addr` is one of this host's sockets.
+    fn owns(&self, addr: SocketAddr) -> bool {
+        self.addr == addr || self.extra_sockets.contains(&addr)
     }
 }
 
@@ -170,6 +179,7 @@ enum Ev {
     },
     Lan {
         host: HostId,
+        to: SocketAddr,
         from: SocketAddr,
         bytes: Vec<u8>,
     },
@@ -335,6 +345,8 @@ impl Sim {
             events: Vec::new(),
             received: Vec::new(),
             tcp: None,
+            extra_sockets: Vec::new(),
+            max_extra_sockets: 0,
         });
         id
     }
@@ -407,18 +419,22 @@ impl Sim {
     }
 
     fn host_send(&mut self, h: HostId, t: Transmit) {
-        let local = self.hosts[h].addr;
+        let local = match t.source {
+            Some(s) if self.hosts[h].extra_sockets.contains(&s) => s,
+            _ => self.hosts[h].addr,
+        };
         let dst = t.destination;
         let Some(n) = self.hosts[h].nat else {
             self.send_net(local, dst, t.contents);
             return;
         };
         if self.nats[n].is_inside(dst.ip()) {
-            if let Some(to) = self.hosts.iter().position(|x| x.addr == dst) {
+            if let Some(to) = self.hosts.iter().position(|x| x.owns(dst)) {
                 self.schedule(
                     self.now + LAN_LATENCY,
                     Ev::Lan {
                         host: to,
+                        to: dst,
                         from: local,
                         bytes: t.contents,
                     },
@@ -440,12 +456,13 @@ impl Sim {
                 return;
             }
             if let Some(inside) = self.nats[n].inbound(now, from, dst.port())
-                && let Some(to) = self.hosts.iter().position(|x| x.addr == inside)
+                && let Some(to) = self.hosts.iter().position(|x| x.owns(inside))
             {
                 self.schedule(
                     now + LAN_LATENCY,
                     Ev::Lan {
                         host: to,
+                        to: inside,
                         from,
                         bytes: t.contents,
                     },
@@ -471,7 +488,7 @@ impl Sim {
         if let Some(n) = self.nats.iter().position(|x| x.public_ip == to.ip()) {
             match self.nats[n].inbound(now, from, to.port()) {
                 Some(inside) => {
-                    if let Some(h) = self.hosts.iter().position(|x| x.addr == inside) {
+                    if let Some(h) = self.hosts.iter().position(|x| x.owns(inside)) {
                         self.hosts[h].node.handle_udp(now, inside, from, &bytes);
                     }
                 }
@@ -482,7 +499,7 @@ impl Sim {
         if let Some(h) = self
             .hosts
             .iter()
-            .position(|x| x.nat.is_none() && x.addr == to)
+            .position(|x| x.nat.is_none() && x.owns(to))
         {
             self.hosts[h].node.handle_udp(now, to, from, &bytes);
         }
@@ -606,6 +623,35 @@ impl Sim {
                 NodeEvent::Datagram { peer, bytes } => {
                     self.hosts[h].received.push((t, peer, bytes.to_vec()));
                 }
+                NodeEvent::OpenSockets { request, ports } => {
+                    let ip = self.hosts[h].addr.ip();
+                    let mut locals = Vec::with_capacity(ports.len());
+                    for port in ports {
+                        let port = if port == 0 {
+                            // An ephemeral port, as the kernel would pick.
+                            let mut p = self.rng.random_range(32768..=60999u16);
+                            while self.hosts[h].owns(SocketAddr::new(ip, p)) {
+                                p = self.rng.random_range(32768..=60999u16);
+                            }
+                            p
+                        } else {
+                            port
+                        };
+                        let a = SocketAddr::new(ip, port);
+                        if !self.hosts[h].owns(a) {
+                            self.hosts[h].extra_sockets.push(a);
+                            locals.push(a);
+                        }
+                    }
+                    let host = &mut self.hosts[h];
+                    host.max_extra_sockets = host.max_extra_sockets.max(host.extra_sockets.len());
+                    self.hosts[h]
+                        .node
+                        .handle_sockets_opened(self.now, request, &locals);
+                }
+                NodeEvent::CloseSockets { locals } => {
+                    self.hosts[h].extra_sockets.retain(|a| !locals.contains(a));
+                }
                 other => self.hosts[h].events.push((t, other)),
             }
         }
@@ -631,9 +677,15 @@ impl Sim {
         let now = self.now;
         match ev {
             Ev::Net { from, to, bytes } => self.on_net(from, to, bytes),
-            Ev::Lan { host, from, bytes } => {
-                let local = self.hosts[host].addr;
-                self.hosts[host].node.handle_udp(now, local, from, &bytes);
+            Ev::Lan {
+                host,
+                to,
+                from,
+                bytes,
+            } => {
+                if self.hosts[host].owns(to) {
+                    self.hosts[host].node.handle_udp(now, to, from, &bytes);
+                }
             }
             Ev::TcpConnected(conn) => {
                 if let Some(c) = self.conns.get_mut(&conn)
@@ -786,5 +838,7 @@ impl Sim {
 
 #[cfg(test)]
 mod matrix;
+#[cfg(test)]
+mod portmap_tests;
 #[cfg(test)]
 mod tests;

@@ -180,6 +180,9 @@ pub struct Nat {
     pub dropped_inbound: u64,
     /// Clash entries created.
     pub clashes_created: u64,
+    /// Static port forwards (external port → inside address): what a router's PCP /
+    /// NAT-PMP / UPnP server installs (issue 7).
+    forwards: Vec<(u16, SocketAddr)>,
 }
 
 impl Nat {
@@ -194,6 +197,7 @@ impl Nat {
             clashes: Vec::new(),
             dropped_inbound: 0,
             clashes_created: 0,
+            forwards: Vec::new(),
         }
     }
 
@@ -233,6 +237,15 @@ impl Nat {
 
     fn port_used(&self, port: u16) -> bool {
         self.entries.iter().any(|e| e.external_port == port)
+            || self.forwards.iter().any(|f| f.0 == port)
+    }
+
+    /// Forwards `external_port` to `internal` from any remote (a router port mapping). Like
+    /// Linux DNAT, a packet through it creates a session whose replies leave from the same
+    /// external port.
+    pub fn add_port_forward(&mut self, external_port: u16, internal: SocketAddr) {
+        self.forwards.retain(|f| f.0 != external_port);
+        self.forwards.push((external_port, internal));
     }
 
     fn clash(&self, remote: SocketAddr, port: u16) -> bool {
@@ -349,6 +362,24 @@ impl Nat {
     /// or `None` when filtered (or no mapping).
     pub fn inbound(&mut self, now: Instant, remote: SocketAddr, port: u16) -> Option<SocketAddr> {
         self.expire(now);
+        if let Some(&(_, internal)) = self.forwards.iter().find(|f| f.0 == port) {
+            // The reply direction of the forwarded session: same external port, this remote.
+            if !self
+                .entries
+                .iter()
+                .any(|e| e.clash_override && e.internal == internal && e.key == Some(remote))
+            {
+                self.entries.push(Entry {
+                    internal,
+                    key: Some(remote),
+                    clash_override: true,
+                    external_port: port,
+                    last_out: now,
+                    contacted: vec![(remote, now)],
+                });
+            }
+            return Some(internal);
+        }
         if let Some(c) = self
             .clashes
             .iter_mut()

@@ -39,6 +39,9 @@ pub enum PunchType {
     Ping = 3,
     /// Answer to a ping.
     Pong = 4,
+    /// Sent over the relay by the side that opened many sockets for hard-NAT punching
+    /// (`node::spray`): its sockets are open and sending, the other side may start probing.
+    Ready = 5,
 }
 
 impl PunchType {
@@ -48,6 +51,7 @@ impl PunchType {
             2 => PunchType::Ack,
             3 => PunchType::Ping,
             4 => PunchType::Pong,
+            5 => PunchType::Ready,
             _ => return None,
         })
     }

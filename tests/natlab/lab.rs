@@ -25,6 +25,14 @@
 //! * `udp-blocked`: the router forwards no UDP at all (TCP only).
 //! * `double`: a bare `eim` carrier-grade NAT in front of an `eim-fw` home router.
 //!
+//! Port mapping ([`Lab::with_port_mapping`]): the site's router also runs Debian's
+//! `miniupnpd` (nftables backend: PCP, NAT-PMP and UPnP IGD on the LAN) with its own
+//! `inet miniupnpd` table whose chains it fills with DNAT and accept rules. miniupnpd
+//! refuses a WAN address in a reserved range (its list includes 198.18.0.0/15), so such a
+//! router's WAN is 198.20.0.(20+i)/24 instead, on the same internet bridge, which routes
+//! 198.20.0.0/24 (198.20.0.254). That range exists only inside the lab's namespaces: the
+//! host has no route into them and they have none out.
+//!
 //! Loss: `meta l4proto udp numgen random mod 100 < N drop` in the router's forward chain
 //! (both directions; this kernel has no netem).
 //!
@@ -110,6 +118,35 @@ impl SiteSpec {
             udp_rate_mbytes: 0,
         }
     }
+}
+
+/// Debian's miniupnpd (package `miniupnpd-nftables`), if installed.
+pub fn miniupnpd_bin() -> Option<PathBuf> {
+    [
+        "/usr/sbin/miniupnpd",
+        "/sbin/miniupnpd",
+        "/usr/local/sbin/miniupnpd",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Like [`lab_available`], and miniupnpd must be installed: skips (false) with a reason, or
+/// panics under BURROW_REQUIRE_NETNS=1.
+pub fn port_mapping_available() -> bool {
+    if !lab_available() {
+        return false;
+    }
+    if miniupnpd_bin().is_some() {
+        return true;
+    }
+    let reason = "miniupnpd is not installed (apt-get install miniupnpd-nftables)";
+    if std::env::var("BURROW_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("NAT lab port mapping required (BURROW_REQUIRE_NETNS=1) but unavailable: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
 }
 
 /// Why the lab cannot run here (not root, no `ip netns`, no `nft`).
@@ -252,12 +289,40 @@ pub struct Lab {
     /// Identity keys and logs.
     pub dir: tempfile::TempDir,
     relay_ns: String,
+    /// Per site: whether its router runs miniupnpd.
+    pub port_mapping: Vec<bool>,
+    /// miniupnpd processes (killed with their namespaces; behind a mutex so that a lab
+    /// stays shareable between threads).
+    pub daemons: Mutex<Vec<NsProc>>,
 }
+
+/// The WAN subnet of port-mapping routers (see the module docs).
+pub const PORTMAP_WAN_PREFIX: &str = "198.20.0";
 
 impl Lab {
     /// Builds the internet, the relay host and the sites (the relay is not started).
     pub fn new(sites: &[SiteSpec]) -> Lab {
+        Lab::with_port_mapping(sites, &[])
+    }
+
+    /// Like [`Lab::new`], and the routers of the sites where `port_mapping[i]` is true run
+    /// miniupnpd (NAT sites only; a missing entry means no).
+    pub fn with_port_mapping(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
+        Lab::build(sites, port_mapping, false)
+    }
+
+    /// Like [`Lab::with_port_mapping`], but miniupnpd serves only UPnP IGD (NAT-PMP and
+    /// PCP off), so a node has to fall back to SSDP + SOAP.
+    pub fn with_upnp_only(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
+        Lab::build(sites, port_mapping, true)
+    }
+
+    fn build(sites: &[SiteSpec], port_mapping: &[bool], upnp_only: bool) -> Lab {
         delete_leftovers();
+        let mapped = |i: usize| {
+            port_mapping.get(i).copied().unwrap_or(false)
+                && !matches!(sites[i].kind, Kind::Public | Kind::Double)
+        };
         let prefix = format!("{NS_PREFIX}{}x{}-", std::process::id(), next_id());
         let mut lab = Lab {
             prefix: prefix.clone(),
@@ -267,6 +332,8 @@ impl Lab {
             specs: sites.to_vec(),
             dir: tempfile::tempdir().expect("temp dir"),
             relay_ns: format!("{prefix}relay"),
+            port_mapping: (0..sites.len()).map(mapped).collect(),
+            daemons: Mutex::new(Vec::new()),
         };
         let inet = lab.add_ns("inet");
         must(&["ip", "-n", &inet, "link", "add", "br0", "type", "bridge"]);
@@ -281,6 +348,20 @@ impl Lab {
             "br0",
         ]);
         must(&["ip", "-n", &inet, "link", "set", "br0", "up"]);
+        if (0..sites.len()).any(mapped) {
+            // The internet routes between its two subnets.
+            let gw = format!("{PORTMAP_WAN_PREFIX}.254/24");
+            must(&["ip", "-n", &inet, "addr", "add", &gw, "dev", "br0"]);
+            must(&[
+                "ip",
+                "netns",
+                "exec",
+                &inet,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/ip_forward",
+            ]);
+        }
 
         let relay = lab.add_ns("relay");
         lab.plug(
@@ -346,21 +427,23 @@ impl Lab {
                     (home, Kind::EimFw)
                 } else {
                     let router = lab.add_ns(&format!("r{i}"));
+                    let (wan_ip, gw) = if mapped(i) {
+                        (
+                            format!("{PORTMAP_WAN_PREFIX}.{}/24", 20 + i),
+                            format!("{PORTMAP_WAN_PREFIX}.254"),
+                        )
+                    } else {
+                        (wan_ip.clone(), "198.18.0.254".to_string())
+                    };
                     lab.plug(&inet, "br0", &format!("r{i}"), &router, "wan", &[&wan_ip]);
-                    must(&[
-                        "ip",
-                        "-n",
-                        &router,
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        "198.18.0.254",
-                    ]);
+                    must(&["ip", "-n", &router, "route", "add", "default", "via", &gw]);
                     (router, spec.kind)
                 };
                 lab.lan_bridge(&home, &format!("10.{}.0.1/24", i + 1));
                 lab.router_rules(&home, home_kind, spec.loss, spec.udp_rate_mbytes);
+                if mapped(i) {
+                    lab.start_miniupnpd(&home, i, upnp_only);
+                }
                 for h in 0..spec.hosts.max(1) {
                     let host = lab.add_ns(&format!("s{i}h{h}"));
                     let ip = format!("10.{}.0.{}/24", i + 1, 10 + h);
@@ -455,25 +538,96 @@ impl Lab {
             "table ip natlab_nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"wan\" {masq}\n  }}\n}}\n\
              table inet natlab_filter {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{forward}  }}\n  chain input {{\n    type filter hook input priority filter; policy accept;\n{input}  }}\n}}\n"
         );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", router, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run nft");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "nft in {router} failed: {}\n{script}",
-            String::from_utf8_lossy(&out.stderr)
+        nft_script(router, &script);
+    }
+}
+
+/// Applies an nftables script inside `router`'s namespace.
+fn nft_script(router: &str, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", router, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft in {router} failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Lab {
+    /// Runs miniupnpd on `router` (site `site`): PCP, NAT-PMP and UPnP IGD for the LAN,
+    /// mapping into the router's `inet miniupnpd` table (created here: the daemon fills
+    /// its chains but does not create them). Waits until it listens.
+    fn start_miniupnpd(&mut self, router: &str, site: usize, upnp_only: bool) {
+        let tables = "table inet miniupnpd {\n\
+             chain forward { type filter hook forward priority filter; policy accept; jump miniupnpd; }\n\
+             chain miniupnpd { }\n\
+             chain prerouting { type nat hook prerouting priority dstnat; policy accept; jump prerouting_miniupnpd; }\n\
+             chain postrouting { type nat hook postrouting priority srcnat; policy accept; jump postrouting_miniupnpd; }\n\
+             chain prerouting_miniupnpd { }\n\
+             chain postrouting_miniupnpd { }\n\
+             }\n";
+        nft_script(router, tables);
+        let conf = self.dir.path().join(format!("miniupnpd-{site}.conf"));
+        let lan = format!("10.{}.0.0/24", site + 1);
+        let natpmp = if upnp_only { "no" } else { "yes" };
+        std::fs::write(
+            &conf,
+            format!(
+                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp={natpmp}\n\
+                 enable_upnp=yes\nsecure_mode=yes\nsystem_uptime=no\n\
+                 uuid=3a5c1c2a-0000-4000-8000-00000000000{site}\n\
+                 upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n\
+                 upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n\
+                 upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
+                 allow 1024-65535 {lan} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+            ),
+        )
+        .expect("write miniupnpd.conf");
+        let pid = self.dir.path().join(format!("miniupnpd-{site}.pid"));
+        let proc = NsProc::spawn(
+            router,
+            &miniupnpd_bin().expect("miniupnpd installed (checked by port_mapping_available)"),
+            &[
+                "-d",
+                "-f",
+                conf.to_str().unwrap(),
+                "-P",
+                pid.to_str().unwrap(),
+            ],
+            &format!("miniupnpd{site}"),
         );
+        proc.wait_stderr(
+            if upnp_only {
+                "HTTP listening on port"
+            } else {
+                "Listening for NAT-PMP/PCP traffic"
+            },
+            WAIT,
+        );
+        self.daemons.lock().unwrap().push(proc);
+    }
+
+    /// The miniupnpd logs (for failure reports).
+    pub fn daemon_logs(&self) -> String {
+        self.daemons
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.stderr_text())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The namespace of host `h` of site `site`.
@@ -913,6 +1067,12 @@ impl NsProc {
     /// The process ID (`ip netns exec` execs in place: the binary's own pid).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs in place).
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     /// Whether the process has not exited yet.

@@ -11,9 +11,11 @@
 //! timeout while that list is non-empty, so one busy socket cannot starve the others.
 //! WRITABLE interest is registered only while a connection's queue is non-empty.
 //!
-//! On Linux, UDP is read with `recvmmsg` (32 datagrams per call, see `batch`) and the
-//! datagrams the core forwards are re-sent from the same buffers with one `sendmmsg` per
-//! batch; replies the core generates (STUN, bind answers, TCP→UDP relaying) go out one
+//! On Linux, UDP is read with `recvmmsg` and UDP GRO (32 buffers per call, each a datagram
+//! or a coalesced burst of up to 64 segments, see `batch`); the core splits each buffer into
+//! its relay packets and returns runs of consecutive segments to one destination, which are
+//! re-sent from the same buffers, one GSO message per run, with one `sendmmsg` per batch;
+//! replies the core generates (STUN, bind answers, TCP→UDP relaying) go out one
 //! `send_to` each. Signals arrive through a self-pipe (see `signals`), which a
 //! [`StopHandle`] can also write to.
 
@@ -21,6 +23,8 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
+use crate::relay::ForwardRun;
 use crate::relay::{ConnId, Event, Limits, RelayConfig, RelayCore};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
@@ -145,12 +149,9 @@ struct Driver {
     buf: Vec<u8>,
     #[cfg(target_os = "linux")]
     batch: batch::RecvBatch,
+    /// What the core forwards out of one received buffer (reused).
     #[cfg(target_os = "linux")]
-    fwd_which: Vec<usize>,
-    #[cfg(target_os = "linux")]
-    fwd_dest: Vec<SocketAddr>,
-    #[cfg(target_os = "linux")]
-    fwd_src: Vec<usize>,
+    runs: Vec<ForwardRun>,
     shutting_down: bool,
 }
 
@@ -220,11 +221,7 @@ pub fn bind(settings: RelayServerConfig, stop: StopPipe) -> io::Result<RelayServ
         #[cfg(target_os = "linux")]
         batch: batch::RecvBatch::new(),
         #[cfg(target_os = "linux")]
-        fwd_which: Vec::with_capacity(batch::BATCH),
-        #[cfg(target_os = "linux")]
-        fwd_dest: Vec::with_capacity(batch::BATCH),
-        #[cfg(target_os = "linux")]
-        fwd_src: Vec::with_capacity(batch::BATCH),
+        runs: Vec::with_capacity(batch::MAX_SEGMENTS),
         shutting_down: false,
     };
     Ok(RelayServer { driver })
@@ -242,6 +239,11 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> io::Result<Socket> {
 fn into_mio_udp(s: Socket) -> io::Result<UdpSocket> {
     // mio's from_std does not set non-blocking itself.
     s.set_nonblocking(true)?;
+    // Bursts from one sender (QUIC with GSO) arrive as one buffer and leave as one GSO send.
+    #[cfg(target_os = "linux")]
+    if !batch::enable_gro(&s) {
+        debug!("UDP GRO unavailable; datagrams are read one per buffer");
+    }
     Ok(UdpSocket::from_std(s.into()))
 }
 
@@ -370,8 +372,9 @@ impl Driver {
         (conn.generation as u64 == id.0 >> 32).then_some(id)
     }
 
-    /// Reads one socket's datagrams (at most the per-turn budget), hands each to the core,
-    /// and re-sends the ones the core forwards, batched per source socket.
+    /// Reads one socket's buffers (at most the per-turn budget), hands each to the core
+    /// (GRO super-datagrams as their segments), and re-sends what the core forwards: runs of
+    /// segments to one destination as one GSO message, all of a batch in `sendmmsg` calls.
     #[cfg(target_os = "linux")]
     fn read_udp(&mut self, index: usize) {
         let local = self.udp[index].0;
@@ -387,40 +390,41 @@ impl Driver {
                 }
             };
             let now = Instant::now();
-            // Forwards grouped by the relay socket they leave from (almost always one).
-            self.fwd_which.clear();
-            self.fwd_dest.clear();
-            self.fwd_src.clear();
+            // The relay socket the queued forwards leave from (almost always one).
+            let mut queued_src: Option<usize> = None;
             for i in 0..n {
-                let from = self.batch.got[i].1;
-                if let Some(fwd) = self
-                    .core
-                    .handle_udp(now, local, from, self.batch.datagram(i))
-                    && let Some(src) = self.udp.iter().position(|(a, _)| *a == fwd.source)
-                {
-                    self.fwd_which.push(i);
-                    self.fwd_dest.push(fwd.destination);
-                    self.fwd_src.push(src);
+                let got = self.batch.got[i];
+                self.runs.clear();
+                self.core.handle_udp_segments(
+                    now,
+                    local,
+                    got.from,
+                    self.batch.buffer(i),
+                    got.segment_len,
+                    &mut self.runs,
+                );
+                for run in &self.runs {
+                    let Some(src) = self.udp.iter().position(|(a, _)| *a == run.forward.source)
+                    else {
+                        continue;
+                    };
+                    if let Some(q) = queued_src
+                        && q != src
+                    {
+                        self.batch.flush(&self.udp[q].1);
+                    }
+                    queued_src = Some(src);
+                    self.batch.queue(
+                        i,
+                        run.offset,
+                        run.len,
+                        run.segment_len,
+                        run.forward.destination,
+                    );
                 }
             }
-            if let Some(&first) = self.fwd_src.first() {
-                if self.fwd_src.iter().all(|s| *s == first) {
-                    self.batch
-                        .forward(&self.udp[first].1, &self.fwd_which, &self.fwd_dest);
-                } else {
-                    for src in 0..self.udp.len() {
-                        let (which, dest): (Vec<usize>, Vec<SocketAddr>) = self
-                            .fwd_src
-                            .iter()
-                            .zip(self.fwd_which.iter().zip(&self.fwd_dest))
-                            .filter(|(s, _)| **s == src)
-                            .map(|(_, (w, d))| (*w, *d))
-                            .unzip();
-                        if !which.is_empty() {
-                            self.batch.forward(&self.udp[src].1, &which, &dest);
-                        }
-                    }
-                }
+            if let Some(q) = queued_src {
+                self.batch.flush(&self.udp[q].1);
             }
             // Keep control replies flowing during a long burst.
             self.drain_transmits();
