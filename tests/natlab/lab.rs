@@ -703,9 +703,14 @@ impl Lab {
     }
 
     /// The public address of site `site` (its router's WAN, or the public host itself).
-    /// For a `double` site this is the CGNAT's WAN.
+    /// For a `double` site this is the CGNAT's WAN; a port-mapping router's is in
+    /// [`PORTMAP_WAN_PREFIX`].
     pub fn wan_ip(&self, site: usize) -> String {
-        format!("198.18.0.{}", 20 + site)
+        if self.port_mapping.get(site).copied().unwrap_or(false) {
+            format!("{PORTMAP_WAN_PREFIX}.{}", 20 + site)
+        } else {
+            format!("198.18.0.{}", 20 + site)
+        }
     }
 
     /// The LAN address of host `h` of a NATed site.
