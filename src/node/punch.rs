@@ -76,7 +76,7 @@ pub struct PunchConfig {
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
-    /// Hard-NAT punching (many sockets / many ports, see [`super::spray`]).
+    /// Hard-NAT punching (many sockets / many ports, see [`SprayConfig`]).
     pub spray: SprayConfig,
 }
 
