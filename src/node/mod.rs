@@ -772,8 +772,8 @@ impl NodeCore {
             {
                 Some(h) => {
                     if let Some(p) = self.peers.get_mut(h) {
-                        p.punch
-                            .note_received(now, Some(local), from, &self.cfg.punch);
+                        p.punch.note_received(now, from, &self.cfg.punch);
+                        p.punch.note_data(Some(local));
                         let peer = p.id;
                         let bytes = self.rx_copy(packet);
                         self.events.push_back(NodeEvent::Datagram { peer, bytes });
@@ -1365,8 +1365,8 @@ impl NodeCore {
             return;
         }
         let peer_id = p.id;
-        if let Via::Direct { local, from } = via {
-            p.punch.note_received(now, local, from, &self.cfg.punch);
+        if let Via::Direct { from, .. } = via {
+            p.punch.note_received(now, from, &self.cfg.punch);
             self.peers.validate_addr(h, from);
         }
         let Some(p) = self.peers.get_mut(h) else {
