@@ -4,6 +4,10 @@
 //! * `relay-udp` — the same over the in-process relay's UDP forwarding (`relay_only`);
 //! * `relay-tcp` — the same over the relay's TCP connections (`relay_only`, and the node's
 //!   `relay_udp` pointed at a dead port so UDP to the relay never works);
+//! * `direct-procs` — the same direct stream between two processes, `burrow listen` and
+//!   `burrow bench` (the release binaries, with a `burrow-relay` process): what a user runs,
+//!   and each node gets its own process (skipped with the reason if the relay binary is not
+//!   built: `cargo build --release -p burrow-relay`);
 //! * `udp-raw`   — baseline: one thread blasting 1200-byte datagrams (GSO where available)
 //!   at a socket drained by another thread (received bytes count);
 //! * `tcp-raw`   — baseline: a kernel TCP loopback stream with 256 KiB writes.
@@ -365,6 +369,90 @@ fn burrow_case(name: &'static str, seconds: u32) -> CaseResult {
     }
 }
 
+#[path = "common/relay_proc.rs"]
+mod relay_proc;
+
+/// `direct-procs`: `burrow listen` + `burrow bench --wait-direct` as processes on loopback.
+/// CPU is both nodes' and the relay's (children rusage for the client, /proc for the rest).
+fn direct_procs(seconds: u32) -> Result<CaseResult, String> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if !relay_proc::relay_bin().is_file() {
+        return Err(format!(
+            "{} not built (cargo build --release -p burrow-relay)",
+            relay_proc::relay_bin().display()
+        ));
+    }
+    let burrow = env!("CARGO_BIN_EXE_burrow");
+    let relay = relay_proc::RelayProc::start(&[
+        "--relay-bytes-per-sec",
+        "1000000000000",
+        "--relay-burst-bytes",
+        "1000000000000",
+    ]);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let relay_addr = relay.addr.to_string();
+    let node = |cmd: &str, key: &str| {
+        let mut c = Command::new(burrow);
+        c.arg(cmd)
+            .args(["--relay", &relay_addr, "--bind", "127.0.0.1:0", "--no-ipv6"])
+            .arg("--identity")
+            .arg(dir.path().join(key))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        c
+    };
+    let mut listen = node("listen", "listen.key")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("burrow listen: {e}"))?;
+    let mut peer = String::new();
+    std::io::BufReader::new(listen.stdout.take().unwrap())
+        .read_line(&mut peer)
+        .map_err(|e| e.to_string())?;
+    // Registration: give the listener a moment (the bench's connect retries anyway).
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu_of = |pid: u32| relay_proc::cpu_time(pid).as_secs_f64();
+    let (l0, r0) = (cpu_of(listen.id()), cpu_of(relay.pid()));
+    let children0 = children_cpu();
+    let out = node("bench", "bench.key")
+        .arg(peer.trim())
+        .args([
+            "--seconds",
+            &seconds.to_string(),
+            "--wait-direct",
+            "10",
+            "--json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("burrow bench: {e}"))?;
+    let cpu = children_cpu() - children0 + cpu_of(listen.id()) - l0 + cpu_of(relay.pid()) - r0;
+    let _ = listen.kill();
+    let _ = listen.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("burrow bench printed no JSON ({e}): {:?}", out.status))?;
+    Ok(CaseResult {
+        name: "direct-procs",
+        bytes: v["bytes"].as_u64().unwrap_or(0),
+        seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        cpu,
+        path: format!(
+            "{} (burrow listen + burrow bench processes)",
+            v["path"].as_str().unwrap_or("?")
+        ),
+    })
+}
+
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; accept and ignore arguments.
     let seconds: u32 = std::env::var("DATA_PLANE_SECONDS")
@@ -385,6 +473,12 @@ fn main() {
             results.push(burrow_case(name, seconds));
         }
     }
+    if wanted("direct-procs") {
+        match direct_procs(seconds) {
+            Ok(r) => results.push(r),
+            Err(e) => println!("direct-procs skipped: {e}"),
+        }
+    }
     let baseline = |n: &str| {
         results
             .iter()
@@ -395,7 +489,7 @@ fn main() {
     let udp_base = baseline("udp-raw");
     let tcp_base = baseline("tcp-raw");
     println!(
-        "{:<10} {:>10} {:>9} {:>9} {:>10}  path",
+        "{:<12} {:>10} {:>9} {:>9} {:>10}  path",
         "case", "MB/s", "÷udp", "÷tcp", "CPU s/GB"
     );
     let mut json = Vec::new();
@@ -403,7 +497,7 @@ fn main() {
         let ratio = |b: Option<f64>| b.map(|b| r.mb_per_s() / b);
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         println!(
-            "{:<10} {:>10.1} {:>9} {:>9} {:>10.2}  {}",
+            "{:<12} {:>10.1} {:>9} {:>9} {:>10.2}  {}",
             r.name,
             r.mb_per_s(),
             fmt(ratio(udp_base)),

@@ -35,12 +35,20 @@
 //! the limit are replaced by one step at (limit − 200) and the table says "fd-limited".
 //! Run as a user with CAP_SYS_RESOURCE (or `ulimit -Hn 1048576` first) for 100,000.
 //!
+//! coturn beside it, same run: when `turnserver` is installed, a fresh no-auth coturn on
+//! loopback gets `BURROW_SCALE_COTURN_ALLOCS` (default 5,000, at most half the fd limit)
+//! TURN allocations, one client UDP socket each, and its RSS per allocation is reported
+//! next to burrow's RSS per registered node (a TURN allocation is what a relayed peer costs
+//! coturn: it holds a relay socket per allocation, where burrow holds none per node).
+//!
 //! Every step has a wall-clock cap (`BURROW_SCALE_STEP_SECS`, default 120); a step that
 //! does not finish is reported with the nodes it got, and later steps are skipped. The
 //! relay is killed when the bench ends (also on panic, via Drop). Loopback only.
 
 #[path = "common/relay_proc.rs"]
 mod relay_proc;
+#[path = "common/turn.rs"]
+mod turn;
 
 use relay_proc::{RelayProc, cpu_time, relay_bin, target_dir};
 use std::collections::VecDeque;
@@ -591,6 +599,7 @@ fn main() {
     let bench_rss = rss_bytes("self");
     drop(lg);
     drop(relay);
+    let coturn = coturn_scale(fd_max / 2);
 
     println!();
     println!(
@@ -635,6 +644,23 @@ fn main() {
             "fd-limited: RLIMIT_NOFILE {nofile} (hard) caps both processes; requested steps {requested:?}"
         );
     }
+    match &coturn {
+        Ok(c) => {
+            let ours = rows.last().map_or(0.0, |r| r.rss_per_node);
+            println!(
+                "coturn, same run: {} allocations in {:.1} s ({:.0}/s), RSS {:.1} MiB (idle {:.1}), {:.0} B per allocation; burrow {:.0} B per registered node ({:.1}x less)",
+                c.allocations,
+                c.secs,
+                c.allocations as f64 / c.secs.max(1e-9),
+                c.rss as f64 / (1024.0 * 1024.0),
+                c.rss_idle as f64 / (1024.0 * 1024.0),
+                c.per_allocation,
+                ours,
+                c.per_allocation / ours.max(1.0)
+            );
+        }
+        Err(why) => println!("coturn: skipped ({why})"),
+    }
 
     let json = json!({
         "bench": "relay_scale",
@@ -659,10 +685,69 @@ fn main() {
             "keepalive_cpu_us_per_ping": r.keepalive_cpu_us_per_ping,
             "failures": r.failures,
         })).collect::<Vec<_>>(),
+        "coturn": match &coturn {
+            Ok(c) => json!({
+                "allocations": c.allocations,
+                "secs": c.secs,
+                "idle_rss_bytes": c.rss_idle,
+                "rss_bytes": c.rss,
+                "rss_per_allocation_bytes": c.per_allocation,
+            }),
+            Err(why) => json!({ "skipped": why }),
+        },
     });
     let dir = target_dir().join("bench-results");
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("relay_scale.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).expect("write json");
     println!("wrote {}", path.display());
+}
+
+/// coturn's side of the scale comparison.
+struct CoturnScale {
+    allocations: usize,
+    secs: f64,
+    rss_idle: u64,
+    rss: u64,
+    per_allocation: f64,
+}
+
+/// Starts coturn and holds `max` (capped by BURROW_SCALE_COTURN_ALLOCS, default 5,000) TURN
+/// allocations open, one client socket each; its RSS per allocation.
+fn coturn_scale(max: usize) -> Result<CoturnScale, String> {
+    if !turn::turnserver_installed() {
+        return Err("turnserver not installed (Debian package coturn)".into());
+    }
+    let n = (env_num("BURROW_SCALE_COTURN_ALLOCS", 5_000) as usize).min(max);
+    if n == 0 {
+        return Err("no file descriptors to spare".into());
+    }
+    let coturn = turn::Coturn::start(u16::try_from(n + 100).unwrap_or(u16::MAX));
+    let pid = coturn.pid().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_idle = rss_bytes(&pid);
+    let mut sockets = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let src = source_addr(i);
+        let sock = std::net::UdpSocket::bind(SocketAddr::new(src.ip(), 0))
+            .map_err(|e| format!("client socket {i}: {e}"))?;
+        if turn::allocate(&sock, coturn.addr, 0x0005_ca1e_0000 + i as u64).is_none() {
+            return Err(format!(
+                "allocation {i} refused or unanswered; log {}",
+                coturn.log_path().display()
+            ));
+        }
+        sockets.push(sock);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = rss_bytes(&pid);
+    Ok(CoturnScale {
+        allocations: n,
+        secs,
+        rss_idle,
+        rss,
+        per_allocation: rss.saturating_sub(rss_idle) as f64 / n as f64,
+    })
 }

@@ -146,9 +146,7 @@ impl<S: Service> NodeApp for DataPlane<S> {
         match event {
             NodeEvent::Datagram { peer, bytes } => {
                 self.stats.datagrams_in += 1;
-                self.transport
-                    // Vec -> Bytes -> BytesMut reuses the allocation (the buffer is unique).
-                    .handle_datagram_owned(now, peer, bytes::Bytes::from(bytes).into());
+                self.transport.handle_datagram_owned(now, peer, bytes);
                 // Pumped in `flush` once the driver has handed over the whole received
                 // batch: ACK processing then opens the congestion window once for many
                 // datagrams and the sender emits full GSO batches instead of one or two

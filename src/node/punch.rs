@@ -76,7 +76,7 @@ pub struct PunchConfig {
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
-    /// Hard-NAT punching (many sockets / many ports, see [`super::spray`]).
+    /// Hard-NAT punching (many sockets / many ports, see [`SprayConfig`]).
     pub spray: SprayConfig,
 }
 
@@ -360,6 +360,15 @@ impl PunchState {
         }
     }
 
+    /// A QUIC datagram from the peer arrived on `local`: a spray socket the peer sends data
+    /// to (its chosen path) must outlive the settling. (Probes and acks do not count: after
+    /// a sweep every pair may carry some.)
+    pub fn note_data(&mut self, local: Option<SocketAddr>) {
+        if let (Some(s), Some(l)) = (self.spray.as_mut(), local) {
+            s.note_heard(l);
+        }
+    }
+
     /// An authenticated ping from the peer arrived on `local` from `from`: the peer's
     /// direct path. After a spray the two sides may have confirmed different port pairs
     /// (each takes the first ack it gets); the prober, which has one socket, follows the
@@ -633,17 +642,7 @@ impl PunchState {
     }
 
     /// Something authenticated (or QUIC) arrived from `from`: proof the path is alive.
-    pub fn note_received(
-        &mut self,
-        now: Instant,
-        local: Option<SocketAddr>,
-        from: SocketAddr,
-        cfg: &PunchConfig,
-    ) {
-        // A spray socket the peer sends on (its chosen path) must outlive the settling.
-        if let (Some(s), Some(l)) = (self.spray.as_mut(), local) {
-            s.note_heard(l);
-        }
+    pub fn note_received(&mut self, now: Instant, from: SocketAddr, cfg: &PunchConfig) {
         if let Some(d) = self.direct.as_mut()
             && d.remote == from
         {

@@ -17,15 +17,25 @@
 //!   no input firewall): whichever probe arrives at the peer's router *before* that
 //!   router's own outbound packet to the same pair of ports leaves a conntrack entry that
 //!   moves the later outbound to another port (the "conntrack clash", DESIGN.md), so a
-//!   pair of ports works only if both first packets cross within one one-way delay. When
-//!   plain punching between two such NATs fails, the retry uses 256 fresh port pairs: the
-//!   responder opens sockets at ports derived from the introduction's nonce (so no list is
-//!   exchanged; port preservation makes them its public ports too) and sends one probe
-//!   from each to the initiator's reflexive address, last port first; the initiator sends
-//!   to those ports in list order, starting when the responder's relayed `Ready` arrives.
-//!   The two bursts run in opposite orders, so the send-time difference of pair `j`
-//!   sweeps through zero across the list in steps of two send times (a few µs): some pair
-//!   crosses "simultaneously" even when the two sides start up to a burst length apart.
+//!   pair of ports works only if both first packets cross within one one-way delay. The
+//!   relay's two introductions never arrive exactly together (their skew can exceed the
+//!   one-way delay between the peers), so when plain punching between two such NATs fails
+//!   within [`SprayConfig::escalate_after`], the retry is a synchronised start on 256 fresh
+//!   port pairs: the responder opens sockets at ports derived from the introduction's
+//!   nonce (no list is exchanged; port preservation makes them its public ports too),
+//!   measures the relay round trip to the initiator with a relayed ping (DCUtR's
+//!   synchronisation, libp2p), then sends `Ready` over the relay; both sides burst
+//!   [`SWEEP_LEAD`] after `Ready` reaches the initiator, a deadline the driver meets by
+//!   spinning rather than with its millisecond timer. The initiator sends from its one
+//!   socket to the ports in list order, the responder one probe from each socket to the
+//!   initiator's reflexive address, in the same groups of [`SWEEP_GROUP`] but each group
+//!   backwards ([`sweep_order`]), so within every group the send-time difference of a pair
+//!   runs through zero. Fresh ports meet none of the old clash entries, so a failed sweep
+//!   is retried at once with a new nonce, a few times, before the normal backoff.
+//!   Honest limits: over a real path (≥ 1 ms one way) a synchronised start makes most pairs
+//!   cross in time; between two routers on one bridge (microseconds apart, as in a plain
+//!   namespace lab) a pair crosses only if both first packets pass their routers within
+//!   microseconds, and one burst wins perhaps one time in ten.
 //!
 //! The state machine here is sans-IO: it asks the driver for sockets
 //! ([`SocketOp::Open`]), is told which opened ([`Spray::on_sockets_opened`]), emits

@@ -105,6 +105,11 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// A connection that has not registered after this long is closed (`HandshakeTimeout`).
     pub handshake_timeout_secs: u64,
+    /// STUN Binding requests answered per client (IPv4 address or IPv6 /64) per second; the
+    /// rest are dropped. A 20-byte request earns a ~70-byte answer, so without a cap
+    /// requests with a spoofed source would make the relay a reflector aimed at that
+    /// source. A node asks a handful per minute.
+    pub stun_per_ip_per_second: u32,
 }
 
 impl Default for Limits {
@@ -124,6 +129,7 @@ impl Default for Limits {
             max_frame_bytes: crate::wire::frame::MAX_FRAME_BODY,
             idle_timeout_secs: 90,
             handshake_timeout_secs: 10,
+            stun_per_ip_per_second: 50,
         }
     }
 }

@@ -72,6 +72,9 @@ const MAX_TRANSMITS: usize = 8192;
 /// How often timeouts are checked. Timeouts are accurate to this; one periodic sweep costs
 /// O(sessions) once a second instead of a timer per session.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most clients the STUN rate limit tracks at once (about 5 MB); beyond that, requests from
+/// untracked addresses are dropped until the next sweep frees room.
+const STUN_RATE_MAX_TRACKED: usize = 100_000;
 
 /// How long a closed session's final bytes are kept if the driver never reports the close.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -139,6 +142,7 @@ pub struct RelayCore {
     udp_addrs: HashMap<SocketAddr, ConnId>,
     channels: HashMap<ChannelId, Channel>,
     registration_rate: RateWindows,
+    stun_rate: RateWindows,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     /// Sessions that must be closed once the current input is handled (queue overflow found
@@ -162,6 +166,9 @@ impl RelayCore {
             Duration::from_secs(60),
             config.limits.registrations_per_ip_per_minute,
         );
+        let stun_rate =
+            RateWindows::new(Duration::from_secs(1), config.limits.stun_per_ip_per_second)
+                .with_max_tracked(STUN_RATE_MAX_TRACKED);
         RelayCore {
             stun: StunResponder::new(&config),
             config,
@@ -174,6 +181,7 @@ impl RelayCore {
             udp_addrs: HashMap::new(),
             channels: HashMap::new(),
             registration_rate,
+            stun_rate,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             to_close: Vec::new(),
@@ -262,7 +270,11 @@ impl RelayCore {
         let forward = match wire::classify(packet) {
             PacketClass::RelayData => self.relay_from_udp(now, from, packet),
             PacketClass::Stun => {
-                self.handle_stun(local, from, packet);
+                if self.stun_rate.allow(now, client_key(from.ip())) {
+                    self.handle_stun(local, from, packet);
+                } else {
+                    self.metrics.limit_stun_rate += 1;
+                }
                 None
             }
             PacketClass::Control => {
@@ -1345,6 +1357,7 @@ impl RelayCore {
             self.remove_session(conn);
         }
         self.registration_rate.prune(now);
+        self.stun_rate.prune(now);
         self.flush_closes(now);
     }
 

@@ -90,6 +90,7 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 pub struct RateWindows {
     window: Duration,
     max: u32,
+    max_tracked: usize,
     windows: HashMap<IpAddr, (Instant, u32)>,
 }
 
@@ -99,12 +100,24 @@ impl RateWindows {
         RateWindows {
             window,
             max,
+            max_tracked: usize::MAX,
             windows: HashMap::new(),
         }
     }
 
+    /// Tracks at most `n` IPs at once: past that, events from IPs not already tracked are
+    /// refused until [`RateWindows::prune`] frees room (bounds memory against floods from
+    /// spoofed sources).
+    pub fn with_max_tracked(mut self, n: usize) -> Self {
+        self.max_tracked = n;
+        self
+    }
+
     /// Records one event from `ip`; `false` if over the limit (the event is not counted).
     pub fn allow(&mut self, now: Instant, ip: IpAddr) -> bool {
+        if self.windows.len() >= self.max_tracked && !self.windows.contains_key(&ip) {
+            return false;
+        }
         let entry = self.windows.entry(ip).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= self.window {
             *entry = (now, 0);
@@ -179,5 +192,16 @@ mod tests {
         assert!(w.allow(t1, a));
         w.prune(t1 + Duration::from_secs(30));
         assert_eq!(w.len(), 1);
+        // Bounded memory: a third IP is refused while two are tracked.
+        let mut w = RateWindows::new(Duration::from_secs(1), 5).with_max_tracked(2);
+        assert!(w.allow(t0, a) && w.allow(t0, b));
+        assert!(!w.allow(t0, mapped_other()));
+        assert!(w.allow(t0, a), "tracked IPs keep their own budget");
+        w.prune(t0 + Duration::from_secs(1));
+        assert!(w.allow(t0 + Duration::from_secs(1), mapped_other()));
+    }
+
+    fn mapped_other() -> IpAddr {
+        "198.51.100.9".parse().unwrap()
     }
 }

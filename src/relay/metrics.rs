@@ -87,6 +87,8 @@ pub struct Metrics {
     pub limit_sessions_per_ip: u64,
     /// Limit hit: registration refused by the per-IP rate.
     pub limit_registration_rate: u64,
+    /// Limit hit: STUN request dropped by the per-IP rate.
+    pub limit_stun_rate: u64,
     /// Limit hit: `Connect` refused at `max_channels_per_session`.
     pub limit_channels: u64,
     /// Limit hit: session disconnected because it did not read its queue (`TooSlow`).
@@ -259,6 +261,7 @@ impl Metrics {
             ("max_sessions", self.limit_max_sessions),
             ("sessions_per_ip", self.limit_sessions_per_ip),
             ("registration_rate", self.limit_registration_rate),
+            ("stun_rate", self.limit_stun_rate),
             ("channels", self.limit_channels),
             ("too_slow", self.limit_too_slow),
             ("control_rate", self.limit_control_rate),

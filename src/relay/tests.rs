@@ -1477,3 +1477,32 @@ proptest! {
         prop_assert_eq!(m, n);
     }
 }
+
+#[test]
+fn stun_answers_are_rate_limited_per_client() {
+    let mut h = Harness::with(|c| c.limits.stun_per_ip_per_second = 5);
+    let mut req = [0u8; 64];
+    let n = stun::binding_request([6; 12], None, &mut req).unwrap();
+    let spoofed = addr("203.0.113.9:1000");
+    let answered = (0..20)
+        .filter(|i| {
+            let from = SocketAddr::new(spoofed.ip(), 1000 + i);
+            stun_answer(&mut h, addr(RELAY), from, &req[..n]).is_some()
+        })
+        .count();
+    assert_eq!(
+        answered, 5,
+        "one client (any port) gets 5 answers per second"
+    );
+    assert_eq!(h.core.metrics().limit_stun_rate, 15);
+    // Another client is not affected; the first gets answers again a second later.
+    assert!(stun_answer(&mut h, addr(RELAY), addr("203.0.113.10:1"), &req[..n]).is_some());
+    h.advance(Duration::from_secs(1));
+    assert!(stun_answer(&mut h, addr(RELAY), spoofed, &req[..n]).is_some());
+    assert!(
+        h.core
+            .metrics()
+            .render_prometheus()
+            .contains("limit=\"stun_rate\"} 15")
+    );
+}

@@ -621,7 +621,7 @@ impl Sim {
                     self.hosts[h].events.push((t, NodeEvent::CloseRelayTcp));
                 }
                 NodeEvent::Datagram { peer, bytes } => {
-                    self.hosts[h].received.push((t, peer, bytes));
+                    self.hosts[h].received.push((t, peer, bytes.to_vec()));
                 }
                 NodeEvent::OpenSockets { request, ports } => {
                     let ip = self.hosts[h].addr.ip();

@@ -681,3 +681,48 @@ fn symmetric_pair_stays_relayed_within_budget() {
         assert_eq!(p, Some(PathKind::RelayUdp), "seed {seed}");
     }
 }
+
+/// Issue 5 in the simulator: two *bare* masquerades and an introduction skew larger than
+/// the one-way delay between them (B's relay TCP stalls 400 ms; 50 ms between the NATs).
+/// The plain attempt clashes at both routers; the sweep retry, synchronised over the relay
+/// on fresh ports, must go direct, and quickly (virtual time).
+#[test]
+fn two_bare_masquerades_with_a_skewed_introduction_go_direct_by_sweep() {
+    init_log();
+    for seed in [41, 42, 43, 44] {
+        let mut sim = Sim::new(seed, SimConfig::default());
+        let na = sim.add_nat(NatConfig::bare_masquerade(), ms(20));
+        let nb = sim.add_nat(NatConfig::bare_masquerade(), ms(30));
+        let a = sim.add_host(Some(na), ms(0), |_| {});
+        let b = sim.add_host(Some(nb), ms(0), |_| {});
+        assert!(sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)));
+        sim.run_for(secs(4));
+        sim.tcp_stall.insert(b, ms(400));
+        let bid = sim.hosts[b].peer_id();
+        sim.with_node(a, |n, now| n.connect(now, bid));
+        assert!(sim.run_until(secs(2), |s| {
+            s.has_event(b, |e| matches!(e, NodeEvent::Introduced { .. }))
+        }));
+        sim.tcp_stall.clear();
+        let t0 = sim.elapsed();
+        sim.run_for(ms(1500));
+        assert!(
+            sim.nats[na].clashes_created + sim.nats[nb].clashes_created > 0,
+            "seed {seed}: no clash happened"
+        );
+        assert!(!direct(&sim, a, b), "seed {seed}: direct despite the clash");
+        let ok = sim.run_until(secs(60), |s| direct(s, a, b) && direct(s, b, a));
+        assert!(ok, "seed {seed}: the sweep did not go direct");
+        let took = sim.elapsed() - t0;
+        eprintln!("seed {seed}: direct {took:?} after the skewed introduction");
+        // One shortened plain attempt (2 s) plus one or two sweeps, not the 30 s backoff.
+        assert!(took < secs(12), "seed {seed}: took {took:?}");
+        // Only the sockets of the path stay open.
+        sim.run_for(secs(5));
+        assert!(
+            sim.hosts[b].extra_sockets.len() <= 2,
+            "seed {seed}: {:?}",
+            sim.hosts[b].extra_sockets.len()
+        );
+    }
+}

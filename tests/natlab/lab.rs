@@ -728,6 +728,72 @@ impl Lab {
         p
     }
 
+    /// Starts the real relay with extra flags (benches open the bandwidth caps up).
+    pub fn start_relay_with(&self, extra: &[&str]) -> NsProc {
+        let mut args = vec!["--listen", RELAY, "--alt-listen", RELAY_ALT];
+        args.extend_from_slice(extra);
+        let p = NsProc::spawn(&self.relay_ns, &bin("burrow-relay"), &args, "relay");
+        p.wait_stderr("listening", WAIT);
+        p
+    }
+
+    /// Runs a command to completion inside `ns` (one of this lab's namespaces).
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Result<String, String> {
+        assert!(
+            ns.starts_with(&self.prefix),
+            "{ns} is not this lab's namespace"
+        );
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// Loads an nftables script (`nft -f -`) inside `ns` (one of this lab's namespaces).
+    pub fn nft(&self, ns: &str, script: &str) -> Result<(), String> {
+        assert!(
+            ns.starts_with(&self.prefix),
+            "{ns} is not this lab's namespace"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("run nft: {e}"))?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("write to nft: {e}"))?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nft in {ns} failed: {}\n{script}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// The public address of site `site` (its router's WAN, or the public host itself).
+    /// For a `double` site this is the CGNAT's WAN; a port-mapping router's is in
+    /// [`PORTMAP_WAN_PREFIX`].
+    pub fn wan_ip(&self, site: usize) -> String {
+        if self.port_mapping.get(site).copied().unwrap_or(false) {
+            format!("{PORTMAP_WAN_PREFIX}.{}", 20 + site)
+        } else {
+            format!("198.18.0.{}", 20 + site)
+        }
+    }
+
+    /// The LAN address of host `h` of a NATed site.
+    pub fn lan_ip(&self, site: usize, h: usize) -> String {
+        format!("10.{}.0.{}", site + 1, 10 + h)
+    }
+
     /// An identity key path for `name`.
     pub fn key(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.key"))
@@ -1016,12 +1082,24 @@ fn collect(
 impl NsProc {
     /// Spawns `bin args` inside `ns` (RUST_LOG from BURROW_NATLAB_LOG, default info).
     pub fn spawn(ns: &str, bin: &Path, args: &[&str], tag: &str) -> NsProc {
+        NsProc::spawn_env(ns, bin, args, tag, &[])
+    }
+
+    /// [`NsProc::spawn`] with extra environment variables (they override RUST_LOG too).
+    pub fn spawn_env(
+        ns: &str,
+        bin: &Path,
+        args: &[&str],
+        tag: &str,
+        env: &[(&str, &str)],
+    ) -> NsProc {
         let log = std::env::var("BURROW_NATLAB_LOG").unwrap_or_else(|_| "info".into());
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(bin)
             .args(args)
             .env("RUST_LOG", log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1097,6 +1175,11 @@ impl NsProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process ID (`ip netns exec` execs in place: the binary's own pid).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends a signal (e.g. `libc::SIGTERM`) to the process.
