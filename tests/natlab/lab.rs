@@ -363,16 +363,22 @@ impl Lab {
     /// Like [`Lab::new`], and the routers of the sites where `port_mapping[i]` is true run
     /// miniupnpd (NAT sites only; a missing entry means no).
     pub fn with_port_mapping(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
-        Lab::build(sites, port_mapping, false)
+        Lab::build(sites, port_mapping, false, wan_delay())
+    }
+
+    /// Like [`Lab::new`] with an explicit WAN delay instead of [`wan_delay`] (zero: off;
+    /// e.g. a throughput benchmark that measures the path, not a WAN).
+    pub fn with_wan_delay(sites: &[SiteSpec], delay: Duration) -> Lab {
+        Lab::build(sites, &[], false, delay)
     }
 
     /// Like [`Lab::with_port_mapping`], but miniupnpd serves only UPnP IGD (NAT-PMP and
     /// PCP off), so a node has to fall back to SSDP + SOAP.
     pub fn with_upnp_only(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
-        Lab::build(sites, port_mapping, true)
+        Lab::build(sites, port_mapping, true, wan_delay())
     }
 
-    fn build(sites: &[SiteSpec], port_mapping: &[bool], upnp_only: bool) -> Lab {
+    fn build(sites: &[SiteSpec], port_mapping: &[bool], upnp_only: bool, delay: Duration) -> Lab {
         delete_leftovers();
         let mapped = |i: usize| {
             port_mapping.get(i).copied().unwrap_or(false)
@@ -392,7 +398,6 @@ impl Lab {
             wan: None,
         };
         let inet = lab.add_ns("inet");
-        let delay = wan_delay();
         if !delay.is_zero() {
             // Bridged IPv4 through the IP hooks (per namespace), then the queue, then the
             // rule (without a bound queue the rule would drop everything).
