@@ -36,10 +36,20 @@
 //! Loss: `meta l4proto udp numgen random mod 100 < N drop` in the router's forward chain
 //! (both directions; this kernel has no netem).
 //!
+//! WAN delay ([`wan_delay`], BURROW_NATLAB_WAN_DELAY_MS, default 5 ms, 0 = off): every IPv4
+//! packet crossing the internet bridge is held that long by a userspace delayer (NFQUEUE,
+//! `wan.rs`), so a path host → router → internet → relay has a realistic one-way delay of
+//! D and a relayed round trip between two nodes takes 4 D. Without it the routers are
+//! microseconds apart and simultaneous punching through two bare masquerade routers is a
+//! race against the relay's introduction skew (see `wan.rs`).
+//!
 //! Namespaces are named `bnl<pid>x<n>-...`; a lab deletes its own on drop (killing any
 //! process still inside them: only processes this lab started), and every new lab first
 //! deletes leftovers of crashed runs (prefix `bnl<pid>x` whose pid is gone).
 #![allow(dead_code)]
+
+#[path = "wan.rs"]
+mod wan;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -178,7 +188,19 @@ pub fn unavailable_reason() -> Option<String> {
              add rule ip t f iifname \"v0\" ct state new drop",
         ],
     ];
-    let failed = checks.iter().find_map(|c| run(c).err());
+    let mut failed = checks.iter().find_map(|c| run(c).err());
+    if failed.is_none() && !wan_delay().is_zero() {
+        // The WAN delay: iptables-legacy with the NFQUEUE target (nft's `queue` is not
+        // built on this kernel).
+        let rule = nfqueue_rule(&probe);
+        let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+        failed = run(&rule).err().map(|e| {
+            format!(
+                "{e} (the WAN delay needs iptables-legacy, Debian package `iptables`, and the \
+                 xtables NFQUEUE target; BURROW_NATLAB_WAN_DELAY_MS=0 turns the delay off)"
+            )
+        });
+    }
     let _ = run(&["ip", "netns", "del", &probe]);
     if let Some(e) = failed {
         return Some(format!("network namespaces lack what the lab needs: {e}"));
@@ -200,6 +222,37 @@ pub fn lab_available() -> bool {
             false
         }
     }
+}
+
+/// The lab's one-way delay per traversal of the internet bridge:
+/// BURROW_NATLAB_WAN_DELAY_MS (milliseconds, 0 = off), default 5 ms.
+pub fn wan_delay() -> Duration {
+    let ms = std::env::var("BURROW_NATLAB_WAN_DELAY_MS")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(5);
+    Duration::from_millis(ms)
+}
+
+/// The `iptables-legacy` rule that hands the internet's packets to the delayer. No
+/// `--queue-bypass`: with the delayer gone, packets are dropped, never passed undelayed.
+fn nfqueue_rule(ns: &str) -> Vec<String> {
+    [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "iptables-legacy",
+        "-w",
+        "-A",
+        "FORWARD",
+        "-j",
+        "NFQUEUE",
+        "--queue-num",
+        &wan::QUEUE_NUM.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn next_id() -> u32 {
@@ -294,6 +347,8 @@ pub struct Lab {
     /// miniupnpd processes (killed with their namespaces; behind a mutex so that a lab
     /// stays shareable between threads).
     pub daemons: Mutex<Vec<NsProc>>,
+    /// The WAN delayer of the internet bridge (None when the delay is off).
+    wan: Option<wan::WanDelay>,
 }
 
 /// The WAN subnet of port-mapping routers (see the module docs).
@@ -308,16 +363,22 @@ impl Lab {
     /// Like [`Lab::new`], and the routers of the sites where `port_mapping[i]` is true run
     /// miniupnpd (NAT sites only; a missing entry means no).
     pub fn with_port_mapping(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
-        Lab::build(sites, port_mapping, false)
+        Lab::build(sites, port_mapping, false, wan_delay())
+    }
+
+    /// Like [`Lab::new`] with an explicit WAN delay instead of [`wan_delay`] (zero: off;
+    /// e.g. a throughput benchmark that measures the path, not a WAN).
+    pub fn with_wan_delay(sites: &[SiteSpec], delay: Duration) -> Lab {
+        Lab::build(sites, &[], false, delay)
     }
 
     /// Like [`Lab::with_port_mapping`], but miniupnpd serves only UPnP IGD (NAT-PMP and
     /// PCP off), so a node has to fall back to SSDP + SOAP.
     pub fn with_upnp_only(sites: &[SiteSpec], port_mapping: &[bool]) -> Lab {
-        Lab::build(sites, port_mapping, true)
+        Lab::build(sites, port_mapping, true, wan_delay())
     }
 
-    fn build(sites: &[SiteSpec], port_mapping: &[bool], upnp_only: bool) -> Lab {
+    fn build(sites: &[SiteSpec], port_mapping: &[bool], upnp_only: bool, delay: Duration) -> Lab {
         delete_leftovers();
         let mapped = |i: usize| {
             port_mapping.get(i).copied().unwrap_or(false)
@@ -334,8 +395,28 @@ impl Lab {
             relay_ns: format!("{prefix}relay"),
             port_mapping: (0..sites.len()).map(mapped).collect(),
             daemons: Mutex::new(Vec::new()),
+            wan: None,
         };
         let inet = lab.add_ns("inet");
+        if !delay.is_zero() {
+            // Bridged IPv4 through the IP hooks (per namespace), then the queue, then the
+            // rule (without a bound queue the rule would drop everything).
+            must(&[
+                "ip",
+                "netns",
+                "exec",
+                &inet,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/bridge/bridge-nf-call-iptables",
+            ]);
+            let delayer = wan::WanDelay::start(&inet, delay)
+                .unwrap_or_else(|e| panic!("lab setup: WAN delayer in {inet}: {e}"));
+            lab.wan = Some(delayer);
+            let rule = nfqueue_rule(&inet);
+            let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+            must(&rule);
+        }
         must(&["ip", "-n", &inet, "link", "add", "br0", "type", "bridge"]);
         must(&[
             "ip",
@@ -909,8 +990,40 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// The one-way delay of each traversal of the internet bridge (zero: off).
+    pub fn wan_delay(&self) -> Duration {
+        self.wan.as_ref().map_or(Duration::ZERO, |w| w.delay)
+    }
+
+    /// Packets the WAN delayer has released so far, or None when the delay is off. Panics
+    /// if the delayer thread has died (the internet then drops every packet).
+    pub fn wan_delayed_packets(&self) -> Option<u64> {
+        let w = self.wan.as_ref()?;
+        assert!(w.is_alive(), "the lab's WAN delayer thread has died");
+        Some(w.stats.delayed.load(Ordering::Relaxed))
+    }
+
+    /// A one-line summary of the WAN delayer (for reports).
+    pub fn wan_summary(&self) -> String {
+        match &self.wan {
+            None => "WAN delay off".into(),
+            Some(w) => format!(
+                "WAN delay {} ms: {} packets delayed, at most {} held, {} socket overruns, thread {}",
+                w.delay.as_millis(),
+                w.stats.delayed.load(Ordering::Relaxed),
+                w.stats.max_held.load(Ordering::Relaxed),
+                w.stats.overruns.load(Ordering::Relaxed),
+                if w.is_alive() { "alive" } else { "DEAD" }
+            ),
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The delayer first (it joins its thread; queued packets are then dropped).
+        self.wan = None;
         // Hosts first (processes), then routers, the relay and the internet last.
         for ns in self.namespaces.iter().rev() {
             delete_ns(ns);
