@@ -19,7 +19,7 @@ use burrow::driver::node::{DriverConfig, NodeDriver};
 use burrow::driver::portmap::PortMapSettings;
 use burrow::identity::Identity;
 use burrow::node::NodeConfig;
-use burrow::transport::{Transport, TransportConfig};
+use burrow::transport::{Congestion, Transport, TransportConfig};
 use burrow::wire::PeerId;
 use clap::{Args, Parser, Subcommand};
 
@@ -69,6 +69,15 @@ impl IdentityArgs {
     }
 }
 
+/// `--congestion` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum CongestionArg {
+    /// CUBIC (quinn's default).
+    Cubic,
+    /// quinn's experimental BBR.
+    Bbr,
+}
+
 /// Options every networked command shares.
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
@@ -94,6 +103,10 @@ pub struct NodeArgs {
     /// also skipped when the relay is on loopback (a local setup).
     #[arg(long, env = "BURROW_NO_PORTMAP")]
     no_portmap: bool,
+    /// Congestion control for QUIC: `cubic` (default) or `bbr` (quinn's experimental BBR:
+    /// far faster on paths with random loss such as poor Wi-Fi, less fair to other flows).
+    #[arg(long, env = "BURROW_CONGESTION", value_enum, default_value = "cubic")]
+    congestion: CongestionArg,
     #[command(flatten)]
     identity: IdentityArgs,
 }
@@ -112,6 +125,10 @@ impl NodeArgs {
         let driver = self.build()?;
         let mut config = TransportConfig::default();
         rand::fill(&mut config.rng_seed);
+        config.congestion = match self.congestion {
+            CongestionArg::Cubic => Congestion::Cubic,
+            CongestionArg::Bbr => Congestion::Bbr,
+        };
         // GSO batches where the socket supports them (one send per batch on a direct path).
         config.max_segments = driver.max_gso_segments();
         let transport = Transport::new(&identity, config)

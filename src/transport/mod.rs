@@ -118,6 +118,22 @@ pub struct TransportConfig {
     pub max_uni_streams: u32,
     /// Bytes of received QUIC datagrams (RFC 9221) buffered before old ones are dropped.
     pub datagram_receive_buffer: usize,
+    /// Congestion controller.
+    pub congestion: Congestion,
+}
+
+/// Which congestion controller a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: backs off on every loss, so random loss that is
+    /// not congestion (Wi-Fi, a lossy uplink) caps throughput near MSS/RTT·1.22/√p (about
+    /// 0.3 MB/s at 10 % loss and 10 ms RTT in the NAT lab).
+    #[default]
+    Cubic,
+    /// quinn-proto's BBR (v1, marked experimental by quinn): paces to the measured
+    /// bandwidth and ignores random loss — 15–20× CUBIC's throughput at 10 % loss in the NAT
+    /// lab — but is less fair to competing flows and less proven. Opt-in.
+    Bbr,
 }
 
 impl Default for TransportConfig {
@@ -134,6 +150,7 @@ impl Default for TransportConfig {
             max_bidi_streams: 256,
             max_uni_streams: 256,
             datagram_receive_buffer: 1 << 20,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -384,6 +401,18 @@ impl Transport {
             .datagram_receive_buffer_size(Some(config.datagram_receive_buffer))
             .datagram_send_buffer_size(config.datagram_receive_buffer)
             .enable_segmentation_offload(config.max_segments > 1);
+        match config.congestion {
+            Congestion::Cubic => {
+                tc.congestion_controller_factory(Arc::new(
+                    quinn_proto::congestion::CubicConfig::default(),
+                ));
+            }
+            Congestion::Bbr => {
+                tc.congestion_controller_factory(Arc::new(
+                    quinn_proto::congestion::BbrConfig::default(),
+                ));
+            }
+        }
         let mut mtud = MtuDiscoveryConfig::default();
         mtud.upper_bound(MAX_UDP_PAYLOAD);
         tc.mtu_discovery_config(Some(mtud));

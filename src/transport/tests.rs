@@ -58,11 +58,16 @@ struct Net {
 
 impl Net {
     fn new(seeds: &[u8], link: Link, seed: u64) -> Net {
+        Net::with_congestion(seeds, link, seed, super::Congestion::Cubic)
+    }
+
+    fn with_congestion(seeds: &[u8], link: Link, seed: u64, congestion: super::Congestion) -> Net {
         let nodes = seeds
             .iter()
             .map(|&s| {
                 let config = TransportConfig {
                     rng_seed: [s.wrapping_add(100); 32],
+                    congestion,
                     ..TransportConfig::default()
                 };
                 Transport::new(&identity(s), config).unwrap()
@@ -544,6 +549,24 @@ fn zero_copy_write_and_read() {
         }
     });
     assert!(got == data[..]);
+}
+
+/// The opt-in BBR controller moves a transfer intact through 10 % loss (it does not back
+/// off on random loss; CUBIC's throughput there is the bench's business, not a test's).
+#[test]
+fn bbr_transfer_survives_heavy_loss() {
+    let link = Link {
+        latency: Duration::from_millis(10),
+        jitter: Duration::from_millis(2),
+        loss_pct: 10,
+        ..DIRECT
+    };
+    let mut net = Net::with_congestion(&[1, 2], link, 6, super::Congestion::Bbr);
+    let (ca, cb) = net.connect(0, 1);
+    let data = pattern(1 << 20, 6);
+    let got = transfer(&mut net, (0, ca), (1, cb), &data, 400_000, |_, _| {});
+    assert_eq!(got, blake3::hash(&data));
+    assert!(net.lost > 0);
 }
 
 #[test]
