@@ -621,6 +621,43 @@ impl NodeCore {
         self.flush_socket_ops(h);
     }
 
+    /// Plans a hard-NAT attempt toward `h` from the two NAT reports. On an introduction
+    /// (`fresh`) always; otherwise (a NAT report changed) only while there is neither a
+    /// direct path nor a running attempt.
+    fn plan_spray(&mut self, now: Instant, h: PeerHandle, fresh: bool) {
+        if self.cfg.relay_only {
+            return;
+        }
+        let ours = self.nat;
+        let Some(p) = self.peers.get_mut(h) else {
+            return;
+        };
+        let Some(keys) = p.intro else { return };
+        if !fresh && (p.punch.direct().is_some() || p.punch.spray_active()) {
+            return;
+        }
+        let attempts = p.punch.attempts();
+        let candidates = std::mem::take(&mut p.peer_candidates);
+        p.punch.plan_spray(
+            now,
+            &self.cfg.punch,
+            spray::PlanInputs {
+                ours,
+                peer: p.peer_nat,
+                role: keys.role,
+                peer_candidates: &candidates,
+                nonce: &keys.nonce,
+                attempts,
+            },
+            &mut self.rng,
+        );
+        p.peer_candidates = candidates;
+        self.flush_socket_ops(h);
+        if !fresh {
+            self.peer_timeout(now, h);
+        }
+    }
+
     /// Turns a peer's socket requests into driver events, within the global budget.
     fn flush_socket_ops(&mut self, h: PeerHandle) {
         let Some(p) = self.peers.get_mut(h) else {
@@ -1073,7 +1110,15 @@ impl NodeCore {
             self.send_register();
         }
         if let Some(report) = self.discovery.take_report(&self.cfg.local_addrs) {
+            let nat_changed = self.nat != report.nat;
             self.nat = report.nat;
+            if nat_changed {
+                // Introductions that arrived before we knew our NAT may now call for a
+                // hard-NAT attempt (the peer re-plans when our update reaches it).
+                for h in self.peers.handles() {
+                    self.plan_spray(now, h, false);
+                }
+            }
             if let Some(p) = report.public_addr {
                 self.reflexive = Some(p);
             }
@@ -1188,6 +1233,14 @@ impl NodeCore {
                     // Keep them even while a direct path works: when it dies (the peer
                     // roamed), the next attempt must aim at the new addresses.
                     p.punch.start(now, &candidates, nat, fam);
+                    let nat_changed = p.peer_nat != nat;
+                    p.peer_nat = nat;
+                    p.peer_candidates = candidates;
+                    if nat_changed {
+                        // E.g. the peer finished its netcheck after the introduction:
+                        // a hard-NAT attempt may now apply.
+                        self.plan_spray(now, h, false);
+                    }
                 }
             }
         }
@@ -1257,24 +1310,10 @@ impl NodeCore {
                 &intro.candidates
             };
             p.punch.start(now, candidates, intro.nat, fam);
-            if !self.cfg.relay_only {
-                let attempts = p.punch.attempts();
-                p.punch.plan_spray(
-                    now,
-                    &self.cfg.punch,
-                    spray::PlanInputs {
-                        ours: self.nat,
-                        peer: intro.nat,
-                        role: intro.role,
-                        peer_candidates: &intro.candidates,
-                        nonce: &intro.punch_nonce,
-                        attempts,
-                    },
-                    &mut self.rng,
-                );
-            }
+            p.peer_nat = intro.nat;
+            p.peer_candidates = intro.candidates.clone();
         }
-        self.flush_socket_ops(h);
+        self.plan_spray(now, h, true);
         debug!(peer = %peer.short(), role = ?intro.role, candidates = ?intro.candidates, "introduced");
         self.events.push_back(NodeEvent::Introduced {
             peer,
@@ -1533,6 +1572,8 @@ fn new_peer(id: PeerId) -> Peer {
         intro_epoch: 0,
         reconnect_at: None,
         reconnect_backoff: None,
+        peer_nat: NatReport::default(),
+        peer_candidates: Vec::new(),
     }
 }
 

@@ -64,6 +64,11 @@ pub(crate) struct Peer {
     pub pinned: Option<SocketAddr>,
     /// The node's relay epoch (registration count) when `intro` arrived.
     pub intro_epoch: u64,
+    /// The peer's NAT report and candidates as last heard (introduction or
+    /// `PeerCandidates`): a hard-NAT attempt is planned from them.
+    pub peer_nat: crate::wire::control::NatReport,
+    /// See `peer_nat`.
+    pub peer_candidates: Vec<crate::wire::control::Candidate>,
     /// When to ask the relay for this (wanted, known) peer again after it was unknown there.
     pub reconnect_at: Option<std::time::Instant>,
     /// The last wait before `reconnect_at` (doubles).
@@ -265,6 +270,8 @@ mod tests {
             pinned: None,
             reconnect_at: None,
             reconnect_backoff: None,
+            peer_nat: Default::default(),
+            peer_candidates: Vec::new(),
             intro_epoch: 0,
         }
     }

@@ -427,6 +427,11 @@ impl PunchState {
         }
     }
 
+    /// Whether a hard-NAT attempt is running (not finished or settled).
+    pub fn spray_active(&self) -> bool {
+        self.spray.as_ref().is_some_and(|s| !s.is_done())
+    }
+
     /// Socket requests for the driver, oldest first.
     pub fn take_socket_ops(&mut self) -> Vec<SocketOp> {
         let mut ops = std::mem::take(&mut self.ops);

@@ -403,7 +403,6 @@ impl Spray {
     }
 
     /// Whether the attempt is over (success, deadline, or stopped).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_done(&self) -> bool {
         self.done
     }

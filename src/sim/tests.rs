@@ -726,3 +726,29 @@ fn two_bare_masquerades_with_a_skewed_introduction_go_direct_by_sweep() {
         );
     }
 }
+
+/// A connect right after registration can be introduced before either side finished its
+/// netcheck (NAT reports still unknown): the hard-NAT attempt must start once the reports
+/// are known (own report, or the peer's via `PeerCandidates`), not wait for a retry.
+#[test]
+fn birthday_spray_starts_when_nat_reports_arrive_after_the_introduction() {
+    for seed in 0x7_3000..0x7_3008 {
+        let mut sim = Sim::new(seed, SimConfig::default());
+        let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
+        let nb = sim.add_nat(NatConfig::symmetric_random(), ms(30));
+        let a = sim.add_host(Some(na), ms(0), |_| {});
+        let b = sim.add_host(Some(nb), ms(0), |_| {});
+        assert!(sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)));
+        let bid = sim.hosts[b].peer_id();
+        sim.with_node(a, |n, now| n.connect(now, bid));
+        let t0 = sim.elapsed();
+        let ok = sim.run_until(secs(20), |s| direct(s, a, b) && direct(s, b, a));
+        assert!(ok, "seed {seed:#x}: not direct");
+        // Well before the first retry (10 s attempt + 30 s backoff).
+        let took = sim.elapsed() - t0;
+        assert!(
+            took < secs(10),
+            "seed {seed:#x}: direct only after {took:?}"
+        );
+    }
+}
