@@ -424,20 +424,19 @@ fn connect_to_unknown_peer_fails_cleanly() {
     assert_eq!(r, Err(crate::node::SendError::NoPath));
 }
 
-/// One side's introduction arrives late (its relay TCP stalls), so the peer's first probes
-/// reach a bare-masquerade NAT before this side sent anything: the conntrack clash moves
-/// its mapping and the first attempt fails. The pair must still end up direct.
-#[test]
-fn masquerade_clash_from_a_late_introduction_recovers() {
-    init_log();
-    let seed = 31;
+/// Registers A behind `nat_a` and B behind `nat_b`, then connects A to B while B's relay
+/// TCP stalls 400 ms, so B's introduction arrives long after A's and A's first probes reach
+/// B's router before B sent anything. Asserts that a conntrack clash happened and the pair
+/// was not direct 1.5 s later, then waits for both sides to go direct and returns how long
+/// that took after the clash (virtual time, deterministic per seed).
+fn skewed_introduction_recovers(seed: u64, nat_a: NatConfig, nat_b: NatConfig) -> Duration {
     let mut sim = Sim::new(seed, SimConfig::default());
-    let na = sim.add_nat(NatConfig::port_restricted(), ms(20));
-    let nb = sim.add_nat(NatConfig::bare_masquerade(), ms(30));
+    let na = sim.add_nat(nat_a, ms(20));
+    let nb = sim.add_nat(nat_b, ms(30));
     let a = sim.add_host(Some(na), ms(0), |_| {});
     let b = sim.add_host(Some(nb), ms(0), |_| {});
     assert!(sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)));
-    sim.run_for(secs(2));
+    sim.run_for(secs(4));
     sim.tcp_stall.insert(b, ms(400));
     let bid = sim.hosts[b].peer_id();
     sim.with_node(a, |n, now| n.connect(now, bid));
@@ -447,26 +446,39 @@ fn masquerade_clash_from_a_late_introduction_recovers() {
     sim.tcp_stall.clear();
     sim.run_for(ms(1500));
     assert!(
-        sim.nats[nb].clashes_created > 0,
+        sim.nats[na].clashes_created + sim.nats[nb].clashes_created > 0,
         "seed {seed}: no clash happened"
     );
     assert!(!direct(&sim, a, b), "seed {seed}: direct despite the clash");
     let t_clash = sim.elapsed();
     let ok = sim.run_until(secs(180), |s| direct(s, a, b) && direct(s, b, a));
     assert!(ok, "seed {seed}: never recovered from the clash");
-    // Virtual time (deterministic): the plain attempt is cut short after 2 s and retried
-    // at once as a sweep on fresh ports, instead of waiting 30 s for the clash entry.
-    let took = sim.elapsed() - t_clash;
-    eprintln!("direct {took:?} after the clash");
+    // Only the sockets of the path stay open once the spray settled.
+    sim.run_for(secs(5));
     assert!(
-        took < secs(10),
-        "seed {seed}: recovery took {took:?}: no sweep?"
+        sim.hosts[b].extra_sockets.len() <= 2,
+        "seed {seed}: {} spray sockets left open",
+        sim.hosts[b].extra_sockets.len()
     );
+    sim.elapsed() - secs(5) - t_clash
 }
 
-/// Roaming: A's NAT reboots with a new public IP mid-session. The direct path dies, A
-/// learns its new reflexive address from the relay binds, the relay tells B, and the pair
-/// punches again while traffic continues over the relay.
+/// One side's introduction arrives late, so the peer's first probes reach a bare
+/// masquerade before this side sent anything: the conntrack clash moves its mapping and the
+/// first attempt fails. The plain attempt is cut short after 2 s and retried at once as a
+/// sweep on fresh ports, instead of waiting 30 s for the clash entry to expire.
+#[test]
+fn masquerade_clash_from_a_late_introduction_recovers() {
+    init_log();
+    let took = skewed_introduction_recovers(
+        31,
+        NatConfig::port_restricted(),
+        NatConfig::bare_masquerade(),
+    );
+    eprintln!("direct {took:?} after the clash");
+    assert!(took < secs(10), "recovery took {took:?}: no sweep?");
+}
+
 #[test]
 fn nat_reboot_with_new_address_repunches() {
     init_log();
@@ -683,47 +695,20 @@ fn symmetric_pair_stays_relayed_within_budget() {
 }
 
 /// Issue 5 in the simulator: two *bare* masquerades and an introduction skew larger than
-/// the one-way delay between them (B's relay TCP stalls 400 ms; 50 ms between the NATs).
-/// The plain attempt clashes at both routers; the sweep retry, synchronised over the relay
-/// on fresh ports, must go direct, and quickly (virtual time).
+/// the one-way delay between them (400 ms against 50 ms). The plain attempt clashes at
+/// both routers; the sweep retry, synchronised over the relay on fresh ports, must go
+/// direct: one shortened plain attempt (2 s) plus one or two sweeps.
 #[test]
 fn two_bare_masquerades_with_a_skewed_introduction_go_direct_by_sweep() {
     init_log();
     for seed in [41, 42, 43, 44] {
-        let mut sim = Sim::new(seed, SimConfig::default());
-        let na = sim.add_nat(NatConfig::bare_masquerade(), ms(20));
-        let nb = sim.add_nat(NatConfig::bare_masquerade(), ms(30));
-        let a = sim.add_host(Some(na), ms(0), |_| {});
-        let b = sim.add_host(Some(nb), ms(0), |_| {});
-        assert!(sim.run_until(secs(30), |s| registered(s, a) && registered(s, b)));
-        sim.run_for(secs(4));
-        sim.tcp_stall.insert(b, ms(400));
-        let bid = sim.hosts[b].peer_id();
-        sim.with_node(a, |n, now| n.connect(now, bid));
-        assert!(sim.run_until(secs(2), |s| {
-            s.has_event(b, |e| matches!(e, NodeEvent::Introduced { .. }))
-        }));
-        sim.tcp_stall.clear();
-        let t0 = sim.elapsed();
-        sim.run_for(ms(1500));
-        assert!(
-            sim.nats[na].clashes_created + sim.nats[nb].clashes_created > 0,
-            "seed {seed}: no clash happened"
+        let took = skewed_introduction_recovers(
+            seed,
+            NatConfig::bare_masquerade(),
+            NatConfig::bare_masquerade(),
         );
-        assert!(!direct(&sim, a, b), "seed {seed}: direct despite the clash");
-        let ok = sim.run_until(secs(60), |s| direct(s, a, b) && direct(s, b, a));
-        assert!(ok, "seed {seed}: the sweep did not go direct");
-        let took = sim.elapsed() - t0;
         eprintln!("seed {seed}: direct {took:?} after the skewed introduction");
-        // One shortened plain attempt (2 s) plus one or two sweeps, not the 30 s backoff.
         assert!(took < secs(12), "seed {seed}: took {took:?}");
-        // Only the sockets of the path stay open.
-        sim.run_for(secs(5));
-        assert!(
-            sim.hosts[b].extra_sockets.len() <= 2,
-            "seed {seed}: {:?}",
-            sim.hosts[b].extra_sockets.len()
-        );
     }
 }
 
