@@ -36,7 +36,8 @@
 //! cargo build --release -p burrow-relay
 //! cargo bench --bench lab_path   # LAB_PATH_SECONDS=5, LAB_PATH_SETUP_RUNS=5,
 //!                                 # LAB_PATH_CASES=burrow,nebula,setup,... (default all),
-//!                                 # LAB_PATH_NAT=eim for bare-masquerade routers
+//!                                 # LAB_PATH_NAT=eim for bare-masquerade routers,
+//!                                 # LAB_PATH_WAN_DELAY_MS=5 for the natlab's WAN delay
 //! ```
 //!
 //! Writes `target/bench-results/lab_path.json` and prints one screen.
@@ -883,9 +884,12 @@ fn main() {
     }
 
     let kind = nat_kind();
-    // No WAN delay (the natlab tests' default is 5 ms through a userspace NFQUEUE hop):
-    // this bench measures the data path itself, as its published numbers did.
-    let lab = Lab::with_wan_delay(&[SiteSpec::new(kind), SiteSpec::new(kind)], Duration::ZERO);
+    // No WAN delay by default (the natlab tests' default is 5 ms through a userspace
+    // NFQUEUE hop): this bench measures the data path itself, as its published numbers did.
+    // LAB_PATH_WAN_DELAY_MS sets one, e.g. to see setup times in relay RTTs on a path
+    // where process wake-ups no longer dominate.
+    let wan = Duration::from_millis(env_num("LAB_PATH_WAN_DELAY_MS", 0).into());
+    let lab = Lab::with_wan_delay(&[SiteSpec::new(kind), SiteSpec::new(kind)], wan);
     let client_ns = lab.host(0, 0).to_string();
     let server_ns = lab.host(1, 0).to_string();
     // Port forwards for the baselines (see the header: same hops as the direct path).
