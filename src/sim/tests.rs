@@ -737,3 +737,40 @@ fn birthday_spray_starts_when_nat_reports_arrive_after_the_introduction() {
         );
     }
 }
+
+/// Resource hygiene of the birthday spray: once direct, the symmetric side keeps at most the
+/// sockets its direct paths use; when that path dies (a partition between the two public
+/// IPs), those are closed too, and traffic is back on the relay.
+#[test]
+fn spray_sockets_are_released_when_settled_and_when_the_path_dies() {
+    for seed in 0x7_4000..0x7_4004 {
+        let (mut sim, a, b, ok) = hard_pair(
+            seed,
+            NatConfig::port_restricted(),
+            NatConfig::symmetric_random(),
+        );
+        assert!(ok, "seed {seed:#x}: not direct");
+        sim.run_for(secs(5));
+        let kept = sim.hosts[b].extra_sockets.len();
+        assert!(
+            (1..=2).contains(&kept),
+            "seed {seed:#x}: {kept} sockets after settling"
+        );
+        let (ia, ib) = (sim.public_ip(a), sim.public_ip(b));
+        sim.partitions.push((ia, ib));
+        let bid = sim.hosts[b].peer_id();
+        let relayed = sim.run_until(secs(30), |s| {
+            matches!(
+                s.hosts[a].node.path(s.now(), &bid),
+                Some(PathKind::RelayUdp)
+            )
+        });
+        assert!(relayed, "seed {seed:#x}: never fell back to the relay");
+        sim.run_for(secs(1));
+        assert!(
+            sim.hosts[b].extra_sockets.is_empty(),
+            "seed {seed:#x}: {} sockets still open after the path died",
+            sim.hosts[b].extra_sockets.len()
+        );
+    }
+}
