@@ -39,25 +39,26 @@ impl UdpEndpoint {
         Self::bind_with(addr, true)
     }
 
-    /// Binds a short-lived extra socket for hard-NAT punching: no `SO_REUSEADDR` (a port
-    /// that is taken must fail rather than be shared with the other owner) and the
-    /// kernel's default buffers (hundreds of these may be open at once).
+    /// Binds an extra socket for hard-NAT punching: no `SO_REUSEADDR` (a port that is taken
+    /// must fail rather than be shared with the other owner). It gets the main socket's
+    /// buffer sizes, since a direct path may end up on it; the sizes are limits, charged
+    /// only for data actually queued, so hundreds of idle extra sockets cost nothing more.
     pub fn bind_extra(addr: SocketAddr) -> io::Result<Self> {
         Self::bind_with(addr, false)
     }
 
-    fn bind_with(addr: SocketAddr, main: bool) -> io::Result<Self> {
+    fn bind_with(addr: SocketAddr, reuse_address: bool) -> io::Result<Self> {
         let domain = Domain::for_address(addr);
         let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
-        if main {
+        if reuse_address {
             socket.set_reuse_address(true)?;
-            // Best effort: the kernel clamps to its maximum, which is fine.
-            let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-            let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
         }
+        // Best effort: the kernel clamps to its maximum, which is fine.
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
         socket.bind(&addr.into())?;
         // mio's from_std does not set non-blocking for us.
         socket.set_nonblocking(true)?;
