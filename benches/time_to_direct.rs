@@ -16,10 +16,7 @@
 use std::time::Duration;
 
 use burrow::node::{NodeEvent, PathKind};
-use burrow::sim::{NatConfig, Sim, SimConfig};
-
-const LAT_A: Duration = Duration::from_millis(20);
-const LAT_B: Duration = Duration::from_millis(30);
+use burrow::sim::{NatConfig, Sim, scenario};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -38,26 +35,8 @@ struct Run {
 }
 
 fn run(seed: u64, nat_a: Option<NatConfig>, nat_b: Option<NatConfig>, loss: f64) -> Run {
-    let mut sim = Sim::new(
-        seed,
-        SimConfig {
-            loss,
-            ..SimConfig::default()
-        },
-    );
-    let host = |sim: &mut Sim, k: Option<NatConfig>, lat: Duration| {
-        let nat = k.map(|c| sim.add_nat(c, lat));
-        sim.add_host(nat, lat, |_| {})
-    };
-    let ha = host(&mut sim, nat_a, LAT_A);
-    let hb = host(&mut sim, nat_b, LAT_B);
-    let rtt = (2 * (LAT_A + LAT_B)).as_secs_f64();
-    let registered = sim.run_until(Duration::from_secs(60), |s| {
-        s.hosts[ha].node.is_registered() && s.hosts[hb].node.is_registered()
-    });
-    assert!(registered, "seed {seed}: never registered");
-    // Let the UDP binds settle (relay-udp vs relay-tcp is decided by them).
-    sim.run_for(Duration::from_secs(3));
+    let (mut sim, ha, hb, rtt) = scenario::registered_pair(seed, nat_a, nat_b, loss);
+    let rtt = rtt.as_secs_f64();
     let ida = sim.hosts[ha].peer_id();
     let idb = sim.hosts[hb].peer_id();
     let t0 = sim.elapsed();

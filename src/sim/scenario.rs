@@ -32,15 +32,16 @@ fn quic(i: u32) -> Vec<u8> {
     v
 }
 
-/// Runs two nodes behind `nat_a` / `nat_b` (`None`: public) at `loss`: register, connect
-/// A to B, wait up to 15 s for a direct path, then send 50 QUIC-looking datagrams each way.
-/// A's site is 20 ms from the core, B's 30 ms, the relay's 10 ms (node RTT 100 ms).
-pub fn run_pair(
+/// Two registered nodes behind `nat_a` / `nat_b` (`None`: public) at `loss`, their UDP
+/// binds settled (relay-udp vs relay-tcp is decided by them): A's site is 20 ms from the
+/// core, B's 30 ms, the relay's 10 ms. Returns the simulator, A, B and the RTT between the
+/// two nodes (100 ms).
+pub fn registered_pair(
     seed: u64,
     nat_a: Option<NatConfig>,
     nat_b: Option<NatConfig>,
     loss: f64,
-) -> PairOutcome {
+) -> (Sim, HostId, HostId, Duration) {
     let mut sim = Sim::new(
         seed,
         SimConfig {
@@ -54,13 +55,23 @@ pub fn run_pair(
     };
     let ha = host(&mut sim, nat_a, LAT_A);
     let hb = host(&mut sim, nat_b, LAT_B);
-    let rtt = 2 * (LAT_A + LAT_B);
     let ok = sim.run_until(Duration::from_secs(60), |s| {
         s.hosts[ha].node.is_registered() && s.hosts[hb].node.is_registered()
     });
     assert!(ok, "seed {seed}: never registered");
-    // Let the UDP binds settle (relay-udp vs relay-tcp is decided by them).
     sim.run_for(Duration::from_secs(3));
+    (sim, ha, hb, 2 * (LAT_A + LAT_B))
+}
+
+/// Runs [`registered_pair`], connects A to B, waits up to 60 s for a direct path, then sends
+/// 50 QUIC-looking datagrams each way.
+pub fn run_pair(
+    seed: u64,
+    nat_a: Option<NatConfig>,
+    nat_b: Option<NatConfig>,
+    loss: f64,
+) -> PairOutcome {
+    let (mut sim, ha, hb, rtt) = registered_pair(seed, nat_a, nat_b, loss);
     let ida = sim.hosts[ha].peer_id();
     let idb = sim.hosts[hb].peer_id();
     let t0 = sim.elapsed();
