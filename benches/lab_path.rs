@@ -258,18 +258,6 @@ struct Bench {
 }
 
 impl Bench {
-    fn burrow_args(&self, key: &str) -> Vec<String> {
-        vec![
-            "--relay".into(),
-            lab::RELAY.into(),
-            "--identity".into(),
-            key.into(),
-            "--bind".into(),
-            "0.0.0.0:0".into(),
-            "--no-ipv6".into(),
-        ]
-    }
-
     /// Blocks (for `relay-udp`) the direct path, or (for `relay-tcp`) all UDP, in site 0's
     /// router; `None` lifts it.
     fn block(&self, what: Option<&str>) {
@@ -295,10 +283,8 @@ impl Bench {
 
     /// `burrow bench` from site 0 to the listener; `want` is the path it must run on.
     fn burrow(&self, name: &'static str, want: &str) -> Row {
-        let key = self.lab.key(name);
         let seconds = self.seconds.to_string();
-        let mut args: Vec<String> = vec!["bench".into(), self.listen_peer.clone()];
-        args.extend(self.burrow_args(key.to_str().unwrap()));
+        let mut args = self.lab.node_args(name, &["bench", &self.listen_peer], &[]);
         args.extend(
             ["--seconds", &seconds, "--json", "--connect-timeout", "30"]
                 .iter()
@@ -700,10 +686,8 @@ struct Setup {
 impl Bench {
     /// Runs a `burrow ping` with debug logs on both ends; returns the pongs and the timings.
     fn ping(&self, name: &str, count: u32, interval: &str) -> (Vec<serde_json::Value>, Setup) {
-        let key = self.lab.key(name);
         let count = count.to_string();
-        let mut args: Vec<String> = vec!["ping".into(), self.listen_peer.clone()];
-        args.extend(self.burrow_args(key.to_str().unwrap()));
+        let mut args = self.lab.node_args(name, &["ping", &self.listen_peer], &[]);
         args.extend(
             [
                 "--json",
@@ -767,9 +751,7 @@ impl Bench {
     /// A fresh `burrow bench --seconds 1`: connect → QUIC Initial at the listener and
     /// → handshake done on each side (`burrow::transport` debug lines).
     fn quic_setup(&self, name: &str, into: &mut Setup) {
-        let key = self.lab.key(name);
-        let mut args: Vec<String> = vec!["bench".into(), self.listen_peer.clone()];
-        args.extend(self.burrow_args(key.to_str().unwrap()));
+        let mut args = self.lab.node_args(name, &["bench", &self.listen_peer], &[]);
         args.extend(["--seconds", "1", "--json"].iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let listener_seen = self.listener.stderr_lines().len();
@@ -907,20 +889,12 @@ fn main() {
         "--relay-burst-bytes",
         "1000000000000",
     ]);
-    let listen_key = lab.key("listen");
+    let listen_args = lab.node_args("listen", &["listen"], &[]);
+    let listen_args: Vec<&str> = listen_args.iter().map(String::as_str).collect();
     let listener = NsProc::spawn_env(
         &server_ns,
         &lab::bin("burrow"),
-        &[
-            "listen",
-            "--relay",
-            lab::RELAY,
-            "--identity",
-            listen_key.to_str().unwrap(),
-            "--bind",
-            "0.0.0.0:0",
-            "--no-ipv6",
-        ],
+        &listen_args,
         "listen",
         &[("RUST_LOG", SETUP_LOG)],
     );

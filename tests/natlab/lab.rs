@@ -623,27 +623,37 @@ impl Lab {
     }
 }
 
-/// Applies an nftables script inside `router`'s namespace.
+/// Applies an nftables script inside `router`'s namespace (lab setup: a failure panics).
 fn nft_script(router: &str, script: &str) {
+    if let Err(e) = nft_apply(router, script) {
+        panic!("{e}");
+    }
+}
+
+/// Applies an nftables script inside namespace `ns`.
+fn nft_apply(ns: &str, script: &str) -> Result<(), String> {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", router, "nft", "-f", "-"])
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run nft");
+        .map_err(|e| format!("run nft: {e}"))?;
     child
         .stdin
         .take()
         .unwrap()
         .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft in {router} failed: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .map_err(|e| format!("write to nft: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft in {ns} failed: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 impl Lab {
@@ -759,28 +769,7 @@ impl Lab {
             ns.starts_with(&self.prefix),
             "{ns} is not this lab's namespace"
         );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("run nft: {e}"))?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .map_err(|e| format!("write to nft: {e}"))?;
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "nft in {ns} failed: {}\n{script}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        nft_apply(ns, script)
     }
 
     /// The public address of site `site` (its router's WAN, or the public host itself).
@@ -809,21 +798,31 @@ impl Lab {
         self.listen_with(ns, name, &[])
     }
 
+    /// `burrow` arguments: `cmd`, the options every lab node uses (this lab's relay, the
+    /// identity key of `name`, IPv4 only), then `extra`.
+    pub fn node_args(&self, name: &str, cmd: &[&str], extra: &[&str]) -> Vec<String> {
+        let key = self.key(name);
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend(
+            [
+                "--relay",
+                RELAY,
+                "--identity",
+                key.to_str().unwrap(),
+                "--bind",
+                "0.0.0.0:0",
+                "--no-ipv6",
+            ]
+            .map(String::from),
+        );
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
     /// `burrow listen` with extra options (e.g. `--out DIR`).
     pub fn listen_with(&self, ns: &str, name: &str, extra: &[&str]) -> Listener {
-        let key = self.key(name);
-        let mut args = vec![
-            "listen",
-            "--relay",
-            RELAY,
-            "--identity",
-            key.to_str().unwrap(),
-            "--bind",
-            "0.0.0.0:0",
-            "--no-ipv6",
-        ];
-        args.extend_from_slice(extra);
-        let proc = NsProc::spawn(ns, &bin("burrow"), &args, "listen");
+        let args = self.node_args(name, &["listen"], extra);
+        let proc = NsProc::spawn(ns, &bin("burrow"), &strs(&args), "listen");
         let peer = proc.next_stdout(WAIT).expect("listen printed its peer ID");
         proc.wait_stderr("registered", WAIT);
         Listener { proc, peer }
@@ -831,25 +830,12 @@ impl Lab {
 
     /// Runs `burrow ping PEER` in `ns` with `extra` options to completion.
     pub fn ping(&self, ns: &str, name: &str, peer: &str, extra: &[&str], timeout: u64) -> Ping {
-        let key = self.key(name);
         let timeout_s = timeout.to_string();
-        let mut args = vec![
-            "ping",
-            peer,
-            "--relay",
-            RELAY,
-            "--identity",
-            key.to_str().unwrap(),
-            "--bind",
-            "0.0.0.0:0",
-            "--no-ipv6",
-            "--json",
-            "--timeout",
-            &timeout_s,
-        ];
-        args.extend_from_slice(extra);
+        let mut rest = vec!["--json", "--timeout", &timeout_s];
+        rest.extend_from_slice(extra);
+        let args = self.node_args(name, &["ping", peer], &rest);
         let started = Instant::now();
-        let mut proc = NsProc::spawn(ns, &bin("burrow"), &args, "ping");
+        let mut proc = NsProc::spawn(ns, &bin("burrow"), &strs(&args), "ping");
         // Hang guard: the command bounds itself with --timeout; give it slack, then kill.
         let status = proc.wait_exit(Duration::from_secs(timeout + 15));
         let mut pongs = Vec::new();
@@ -874,27 +860,12 @@ impl Lab {
 
     /// Starts `burrow send PEER FILE --json` in `ns` (see [`Send::finish`]).
     pub fn start_send(&self, ns: &str, name: &str, peer: &str, file: &Path) -> NsProc {
-        let key = self.key(name);
-        NsProc::spawn(
-            ns,
-            &bin("burrow"),
-            &[
-                "send",
-                peer,
-                file.to_str().unwrap(),
-                "--relay",
-                RELAY,
-                "--identity",
-                key.to_str().unwrap(),
-                "--bind",
-                "0.0.0.0:0",
-                "--no-ipv6",
-                "--json",
-                "--connect-timeout",
-                "30",
-            ],
-            "send",
-        )
+        let args = self.node_args(
+            name,
+            &["send", peer, file.to_str().unwrap()],
+            &["--json", "--connect-timeout", "30"],
+        );
+        NsProc::spawn(ns, &bin("burrow"), &strs(&args), "send")
     }
 
     /// Runs `burrow send PEER FILE --json` in `ns` to completion (killed after `wait`).
@@ -933,26 +904,9 @@ impl Lab {
         name: &str,
         timeout: u64,
     ) -> Result<serde_json::Value, String> {
-        let key = self.key(name);
         let timeout_s = timeout.to_string();
-        let mut proc = NsProc::spawn(
-            ns,
-            &bin("burrow"),
-            &[
-                "netcheck",
-                "--relay",
-                RELAY,
-                "--identity",
-                key.to_str().unwrap(),
-                "--bind",
-                "0.0.0.0:0",
-                "--no-ipv6",
-                "--json",
-                "--timeout",
-                &timeout_s,
-            ],
-            "netcheck",
-        );
+        let args = self.node_args(name, &["netcheck"], &["--json", "--timeout", &timeout_s]);
+        let mut proc = NsProc::spawn(ns, &bin("burrow"), &strs(&args), "netcheck");
         let ok = proc.wait_exit(Duration::from_secs(timeout + 15)) == Some(true);
         let line = proc
             .stdout_lines()
@@ -1327,4 +1281,9 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
 /// The relay address as a SocketAddr.
 pub fn relay_addr() -> SocketAddr {
     RELAY.parse().unwrap()
+}
+
+/// Borrows owned arguments for [`NsProc::spawn`].
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
