@@ -88,30 +88,15 @@ fn helper_main(args: &[String]) -> bool {
         "__udp_send" => {
             let dest: SocketAddr = args[2].parse().unwrap();
             let seconds: f64 = args[3].parse().unwrap();
-            let tx = UdpSocket::bind("0.0.0.0:0").unwrap();
-            let _ = socket2::SockRef::from(&tx).set_send_buffer_size(4 << 20);
-            tx.connect(dest).unwrap();
-            let payload = vec![0x55u8; 1200];
-            let start = Instant::now();
-            let end = start + Duration::from_secs_f64(seconds);
-            let mut sent = 0u64;
-            while Instant::now() < end {
-                for _ in 0..64 {
-                    if tx.send(&payload).is_ok() {
-                        sent += payload.len() as u64;
-                    }
-                }
-            }
-            println!("{sent} {}", start.elapsed().as_secs_f64());
+            let tx = blast_socket(dest);
+            blast(&tx, 1200, 64, seconds);
         }
         "__udp_send_gso" => {
             // The same bytes as `__udp_send`, handed to the kernel 53 datagrams per call
             // (UDP GSO, `UDP_SEGMENT` = 1200): the cheapest way to emit 1200-byte UDP.
             let dest: SocketAddr = args[2].parse().unwrap();
             let seconds: f64 = args[3].parse().unwrap();
-            let tx = UdpSocket::bind("0.0.0.0:0").unwrap();
-            let _ = socket2::SockRef::from(&tx).set_send_buffer_size(4 << 20);
-            tx.connect(dest).unwrap();
+            let tx = blast_socket(dest);
             let seg: libc::c_int = 1200;
             // SAFETY: setsockopt with a valid fd and a c_int option value.
             let rc = unsafe {
@@ -127,18 +112,7 @@ fn helper_main(args: &[String]) -> bool {
                 println!("no-gso {}", std::io::Error::last_os_error());
                 return true;
             }
-            let payload = vec![0x55u8; 1200 * 53];
-            let start = Instant::now();
-            let end = start + Duration::from_secs_f64(seconds);
-            let mut sent = 0u64;
-            while Instant::now() < end {
-                for _ in 0..16 {
-                    if tx.send(&payload).is_ok() {
-                        sent += payload.len() as u64;
-                    }
-                }
-            }
-            println!("{sent} {}", start.elapsed().as_secs_f64());
+            blast(&tx, 1200 * 53, 16, seconds);
         }
         "__udp_recv" => {
             // Counts until 1 s of silence after the first datagram (or 30 s of nothing).
@@ -1227,4 +1201,29 @@ fn report(
         Ok(()) => println!("wrote {}", out.display()),
         Err(e) => eprintln!("cannot write {}: {e}", out.display()),
     }
+}
+
+/// A UDP socket connected to `dest` with a large send buffer, for the blasts.
+fn blast_socket(dest: SocketAddr) -> UdpSocket {
+    let tx = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let _ = socket2::SockRef::from(&tx).set_send_buffer_size(4 << 20);
+    tx.connect(dest).unwrap();
+    tx
+}
+
+/// Sends `len`-byte buffers on `tx` for `seconds` (checking the clock every `per_check`
+/// sends) and prints the bytes the kernel took and the elapsed seconds.
+fn blast(tx: &UdpSocket, len: usize, per_check: usize, seconds: f64) {
+    let payload = vec![0x55u8; len];
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        for _ in 0..per_check {
+            if tx.send(&payload).is_ok() {
+                sent += payload.len() as u64;
+            }
+        }
+    }
+    println!("{sent} {}", start.elapsed().as_secs_f64());
 }
