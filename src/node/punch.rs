@@ -332,7 +332,7 @@ impl PunchState {
     /// the old path can no longer be authenticated.
     pub fn forget_direct(&mut self) -> bool {
         let had = self.direct.take().is_some();
-        self.release_kept_socket();
+        self.release_kept_sockets();
         had
     }
 
@@ -344,11 +344,11 @@ impl PunchState {
             s.finish();
         }
         if self.direct.is_none() {
-            self.release_kept_socket();
+            self.release_kept_sockets();
         }
     }
 
-    fn release_kept_socket(&mut self) {
+    fn release_kept_sockets(&mut self) {
         if let Some(s) = self.spray.as_mut() {
             // Still settling: close them all now.
             s.finish();
@@ -521,7 +521,7 @@ impl PunchState {
             {
                 debug!(remote = %d.remote, "direct path dead: no answer");
                 self.direct = None;
-                self.release_kept_socket();
+                self.release_kept_sockets();
                 update = Some(PathUpdate::Lost);
                 self.backoff = Duration::ZERO;
                 self.begin(now);

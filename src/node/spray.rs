@@ -704,10 +704,14 @@ impl Spray {
     /// The peer sent something (authenticated, or QUIC on its path) to `local` while we
     /// settle: its direct path may use that socket, keep it.
     pub fn note_heard(&mut self, local: SocketAddr) {
-        let owned = self.has_socket(local);
-        if let Some((_, keep)) = self.settle.as_mut()
-            && owned
-            && !keep.contains(&local)
+        // Called for every datagram from the peer: the cheap checks first (not settling,
+        // or a socket already kept), the scan of the spray's sockets last.
+        match &self.settle {
+            Some((_, keep)) if !keep.contains(&local) => {}
+            _ => return,
+        }
+        if self.has_socket(local)
+            && let Some((_, keep)) = self.settle.as_mut()
         {
             keep.push(local);
         }
